@@ -1,0 +1,148 @@
+"""One LightningDataModule for every data source selfsup reads (digits, torchvision roots, folders).
+
+Batches are ``(images, labels)``: ``(B, 3, S, S)`` uint8 and ``(B,)`` int64. Loaders are plain
+``DataLoader(dataset, batch_size, shuffle, drop_last)`` so Lightning can inject its
+``DistributedSampler`` under DDP.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from selfsup.data.datasets import (
+    ArrayDataset,
+    FolderStream,
+    batch_collate,
+    has_split,
+    load_dataset,
+    parse_spec,
+)
+from selfsup.errors import ConfigError, DataError
+
+
+class SelfSupDataModule(pl.LightningDataModule):
+    """Train and val loaders over :func:`~selfsup.data.datasets.load_dataset`.
+
+    Args:
+        data: a data spec (see :func:`~selfsup.data.datasets.load_dataset`); default the embedded digits.
+        batch_size: images per batch (per process under DDP).
+        num_workers: DataLoader workers; default 0 for in-memory/cached arrays (a batch is one array
+            read) and ``min(8, cpu_count)`` for streamed folders.
+        image_size: side of the square images; default chosen by the dataset.
+        cache_dir: cache for decoded small folders; default ``$SELFSUP_CACHE`` or ``~/.cache/selfsup/data``.
+        skip_bad: skip and count bad image files instead of raising.
+        val: load the val split when the data has one.
+    """
+
+    def __init__(
+        self,
+        data: str = "digits",
+        batch_size: int = 256,
+        num_workers: int | None = None,
+        image_size: int | None = None,
+        cache_dir: str | None = None,
+        skip_bad: bool = False,
+        val: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {batch_size!r}")
+        if num_workers is not None and num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers!r}")
+        self.save_hyperparameters()
+        self.data = data
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.cache_dir = cache_dir
+        self.skip_bad = skip_bad
+        self.val = val
+        self._image_size = image_size
+        self._train: ArrayDataset | FolderStream | None = None
+        self._val: ArrayDataset | FolderStream | None = None
+
+    def _load(self, split: str, image_size: int | None) -> ArrayDataset | FolderStream:
+        return load_dataset(
+            self.data, split, image_size=image_size, cache_dir=self.cache_dir, skip_bad=self.skip_bad
+        )
+
+    def _has_val(self) -> bool:
+        return self.val and has_split(self.data, "val")
+
+    def prepare_data(self) -> None:
+        """Decode a small folder into the cache once (Lightning calls this on one process per node)."""
+        if parse_spec(self.data)[0] != "folder":
+            return
+        train = self._load("train", self._image_size)
+        if self._has_val():
+            self._load("val", train.image_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the train and (when present) val splits; val at the train split's image size."""
+        if self._train is not None:
+            return
+        self._train = self._load("train", self._image_size)
+        self._val = self._load("val", self._train.image_size) if self._has_val() else None
+
+    def _require_setup(self) -> ArrayDataset | FolderStream:
+        if self._train is None:
+            raise RuntimeError("SelfSupDataModule: call setup() before using the datasets")
+        return self._train
+
+    @property
+    def train_set(self) -> ArrayDataset | FolderStream:
+        """The train dataset."""
+        return self._require_setup()
+
+    @property
+    def val_set(self) -> ArrayDataset | FolderStream | None:
+        """The val dataset, or None when the data has no val split (or ``val=False``)."""
+        self._require_setup()
+        return self._val
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the train split."""
+        return len(self._require_setup().classes)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images."""
+        return self._require_setup().image_size
+
+    def dataloader(self, split: str, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+        """A plain DataLoader over one split (``"train"`` or ``"val"``); DDP can swap in its sampler."""
+        if split not in ("train", "val"):
+            raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
+        dataset = self.train_set if split == "train" else self.val_set
+        if dataset is None:
+            raise DataError(f"{self.data} has no val split: add root/val/<class>/<image> (or root/test/...)")
+        if isinstance(dataset, ArrayDataset):
+            workers = 0 if self.num_workers is None else self.num_workers
+            collate = batch_collate
+        else:
+            workers = min(8, os.cpu_count() or 1) if self.num_workers is None else self.num_workers
+            collate = None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=workers,
+            collate_fn=collate,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled; drops the last partial batch only when there is more than one batch."""
+        return self.dataloader("train", shuffle=True, drop_last=len(self.train_set) > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """In order, every image; ``[]`` when there is no val split."""
+        if self.val_set is None:
+            return []
+        return self.dataloader("val")

@@ -1,0 +1,6 @@
+"""The shared spine (backbone, SSLModule) and the contrastive and generative methods."""
+
+from selfsup.ssl.backbone import BACKBONES, Backbone, register_backbone
+from selfsup.ssl.module import METHODS, SSLModule, load_encoder, register_method
+
+__all__ = ["BACKBONES", "METHODS", "Backbone", "SSLModule", "load_encoder", "register_backbone", "register_method"]

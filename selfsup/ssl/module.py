@@ -1,0 +1,268 @@
+"""SSLModule: the LightningModule base every method builds on, plus export and load_encoder.
+
+A method subclasses :class:`SSLModule` and implements one hook, :meth:`SSLModule.loss`, returning a
+dict with a scalar ``loss`` (and anything else worth logging). The base owns the backbone, the
+optimiser (SGD, AdamW or LARS) with linear warm-up and cosine decay, hyper-parameter saving,
+``encode`` and ``export``. Methods that need several optimisers (BiGAN) set
+``automatic_optimization = False`` and override ``training_step`` / ``configure_optimizers``, using
+:meth:`SSLModule.build_optimizer` for each parameter group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from selfsup.data.transforms import make_augment, to_float
+from selfsup.errors import ConfigError
+from selfsup.ssl.backbone import Backbone
+
+METHODS: dict[str, type[SSLModule]] = {}
+"""Registered methods by name; the CLI and :func:`load_encoder` read it."""
+
+OPTIMIZERS = ("sgd", "adamw", "lars")
+EXPORT_FORMAT = 1
+
+# ImageNet statistics: every encoder takes RGB images in [0, 1] and normalises them itself,
+# so a notebook user never has to know which constants a run used.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def register_method(name: str):
+    """Class decorator registering an :class:`SSLModule` subclass in :data:`METHODS` under ``name``."""
+
+    def deco(cls: type[SSLModule]) -> type[SSLModule]:
+        METHODS[name] = cls
+        cls.method_name = name
+        return cls
+
+    return deco
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` for ``(B, C, H, W)`` images in [0, 1]."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (to_float(x) - self.mean) / self.std
+
+
+class ImageEncoder(nn.Module):
+    """RGB images in [0, 1] (or uint8) -> normalised -> backbone -> pooled features.
+
+    This is what :func:`load_encoder` returns for most methods; methods whose evaluation
+    features are computed differently (CPC's patch grid, colorization's L channel) return
+    their own module from :meth:`SSLModule.encoder`.
+
+    Shape:
+        - Input: ``(B, 3, H, W)`` float in [0, 1] or uint8
+        - Output: ``(B, num_features)``
+    """
+
+    def __init__(self, backbone: Backbone, normalize: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.normalize = Normalize() if normalize is None else normalize
+        self.num_features = backbone.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warm-up from ~0 to 1, then cosine decay to ``final_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class SSLModule(pl.LightningModule):
+    """Base of every self-supervised method.
+
+    Args:
+        backbone: backbone name (see :class:`~selfsup.ssl.backbone.Backbone`).
+        norm: backbone normalisation layer (``batch``, ``group``, ``layer``) or ``None`` for its own.
+        optimizer: ``sgd``, ``adamw`` or ``lars``.
+        lr: peak learning rate (reached after warm-up).
+        weight_decay: decoupled (AdamW) or L2 (SGD/LARS) weight decay.
+        momentum: SGD/LARS momentum.
+        warmup_epochs: epochs of linear warm-up (fractions allowed).
+        crop_scale: smallest area fraction of the random resized crop (1.0 disables cropping).
+        flip: random horizontal flips in the training augmentation.
+        in_chans: backbone input channels; methods set it (colorization uses 1).
+
+    Subclasses call ``super().__init__(...)`` with their backbone arguments, then build heads.
+    ``self.save_hyperparameters()`` in the base records every constructor argument of the
+    whole class chain, so ``type(m)(**m.hparams)`` rebuilds the model.
+    """
+
+    method_name: str = ""
+
+    def __init__(
+        self,
+        backbone: str = "cifar_resnet18",
+        norm: str | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        weight_decay: float = 5e-4,
+        momentum: float = 0.9,
+        warmup_epochs: float = 1.0,
+        crop_scale: float = 0.5,
+        flip: bool = True,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if lr <= 0:
+            raise ConfigError(f"lr must be positive, got {lr!r}")
+        if not 0 < crop_scale <= 1:
+            raise ConfigError(f"crop_scale must be in (0, 1], got {crop_scale!r}")
+        self.save_hyperparameters(ignore=["in_chans"])  # set by the method, not the user
+        self.backbone = Backbone(backbone, in_chans=in_chans, norm=norm)
+        self.normalize = Normalize() if in_chans == 3 else Normalize((0.5,), (0.5,))
+        self._augmenters: dict[int, nn.Module] = {}  # by image size; parameter-free, so not submodules
+
+    # -- the one hook a method implements -------------------------------------------------------
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Compute the method's loss on a batch of ``(uint8 images (B, 3, H, W), labels (B,))``.
+
+        Returns a dict with a scalar ``loss``; every other scalar is logged as ``train/<key>``.
+        An optional ``features`` entry ``(B, D)`` (detached pooled features of the batch's images,
+        in batch order) lets the online probe reuse them instead of encoding the batch again.
+        """
+        raise NotImplementedError
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] images -> float in [0, 1], randomly cropped and flipped per image in training.
+
+        Runs batched on the images' device (the GPU when there is one), never in data workers.
+        """
+        x = to_float(x)
+        if not self.training or (self.hparams.crop_scale >= 1 and not self.hparams.flip):
+            return x
+        size = x.shape[-1]
+        if size not in self._augmenters:
+            self._augmenters[size] = make_augment(
+                size, crop_scale=(self.hparams.crop_scale, 1.0), flip=self.hparams.flip
+            )
+        return self._augmenters[size](x)
+
+    # -- shared Lightning plumbing ---------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int):
+        out = self.loss(batch)
+        logs = {f"train/{k}": v.detach() for k, v in out.items() if k != "features" and v.ndim == 0}
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch[0].shape[0])
+        self.log("loss", out["loss"].detach(), prog_bar=True, logger=False, batch_size=batch[0].shape[0])
+        return out
+
+    def validation_step(self, batch, batch_idx: int):
+        # Validation is the online probe's business (a Callback); the module itself has nothing to do.
+        return None
+
+    def encoder(self) -> nn.Module:
+        """The module that maps RGB images in [0, 1] to evaluation features ``(B, D)``."""
+        return ImageEncoder(self.backbone, self.normalize)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation features of RGB images ``(B, 3, H, W)`` in [0, 1] or uint8 -> ``(B, D)``."""
+        return self.encoder()(x)
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def build_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
+        """The configured optimiser over ``params``; weight decay is skipped on biases and norm weights."""
+        lr = self.hparams.lr if lr is None else lr
+        params = [p for p in params if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        name = self.hparams.optimizer
+        if name == "sgd":
+            return torch.optim.SGD(groups, lr=lr, momentum=self.hparams.momentum)
+        if name == "adamw":
+            return torch.optim.AdamW(groups, lr=lr)
+        from timm.optim import Lars
+
+        return Lars(groups, lr=lr, momentum=self.hparams.momentum)
+
+    def lr_lambda(self):
+        """Per-step LR multiplier for the configured warm-up + cosine schedule."""
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        steps_per_epoch = total / epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else total
+        warmup = int(self.hparams.warmup_epochs * steps_per_epoch)
+        warmup = min(warmup, total // 2)
+        return lambda step: warmup_cosine(step, warmup, total)
+
+    def configure_optimizers(self):
+        opt = self.build_optimizer(self.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda())
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- export ----------------------------------------------------------------------------------
+    def export(self, directory: str | Path) -> Path:
+        """Write ``encoder.safetensors`` + ``config.json`` into ``directory``; :func:`load_encoder` reads them."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        enc = self.encoder()
+        state = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items()}
+        save_file(state, str(directory / "encoder.safetensors"))
+        config = {
+            "format": EXPORT_FORMAT,
+            "method": self.method_name,
+            "hparams": _jsonable(dict(self.hparams)),
+            "num_features": int(enc.num_features),
+        }
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return directory
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def load_encoder(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an exported encoder from ``encoder.safetensors`` + ``config.json`` alone (no pickle).
+
+    The returned module is in eval mode, maps RGB images ``(B, 3, H, W)`` in [0, 1] (or uint8)
+    to features ``(B, num_features)``, and has ``num_features`` and ``config`` attributes.
+
+    >>> enc = load_encoder("runs/rotation/export")  # doctest: +SKIP
+    >>> feats = enc(images)  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    cfg_path, weights = directory / "config.json", directory / "encoder.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise ConfigError(f"{p} not found: expected an export directory written by SSLModule.export")
+    config = json.loads(cfg_path.read_text())
+    if config.get("format") != EXPORT_FORMAT:
+        raise ConfigError(f"{cfg_path}: unsupported export format {config.get('format')!r}")
+    method = config["method"]
+    if method not in METHODS:
+        raise ConfigError(f"{cfg_path}: unknown method {method!r}; known: {sorted(METHODS)}")
+    model = METHODS[method](**config["hparams"])
+    enc = model.encoder()
+    enc.load_state_dict(load_file(str(weights), device=str(map_location)), strict=True)
+    enc.config = config
+    return enc.to(map_location).eval()

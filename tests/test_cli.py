@@ -1,0 +1,90 @@
+"""End-to-end: the `selfsup` command in a subprocess, as a user runs it."""
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+
+import selfsup
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+FAST = ["--backbone", "convnet_small", "--data", "digits", "--image-size", "16", "--batch-size", "128"]
+
+
+def _rows(path):
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_pretrain_resume_and_export(tmp_path):
+    r = run_cli("pretrain", "--method", "rotation", *FAST, "--max-epochs", "1", "--name", "t", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    for f in ("config.yaml", "metrics.csv", "metrics.json", "checkpoints/last.ckpt",
+              "export/encoder.safetensors", "export/config.json"):
+        assert (run / f).is_file(), f
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["method"] == "rotation" and cfg["model"]["backbone"] == "convnet_small"
+    assert cfg["data"]["image_size"] == 16 and cfg["trainer"]["max_epochs"] == 1
+    assert "val/online_top1" in json.loads((run / "metrics.json").read_text())
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    probe_state = ckpt["callbacks"]["OnlineLinearProbe"]
+    assert set(probe_state) == {"head", "optimizer"}
+    steps_before = len([r for r in _rows(run / "metrics.csv") if r.get("train/loss")])
+
+    # the same name without --resume refuses to overwrite
+    r = run_cli("pretrain", *FAST, "--max-epochs", "1", "--name", "t", cwd=tmp_path)
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+
+    r = run_cli("pretrain", "--resume", "--name", "t", "--max-epochs", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt2 = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt2["epoch"] == 1 and ckpt2["global_step"] == 2 * ckpt["global_step"]
+    # the probe went on from its saved state: Adam's step count kept growing
+    adam_steps = [s["step"] for s in ckpt2["callbacks"]["OnlineLinearProbe"]["optimizer"]["state"].values()]
+    assert all(float(s) == 2 * ckpt["global_step"] for s in adam_steps)
+    rows = _rows(run / "metrics.csv")
+    assert len([r for r in rows if r.get("train/loss")]) > steps_before  # nothing lost on resume
+    assert sorted(run.glob("metrics.part*.csv")) == []
+
+    # the exported encoder loads and encodes
+    enc = selfsup.load_encoder(run / "export")
+    assert enc(torch.rand(2, 3, 16, 16)).shape == (2, 128)
+
+
+def test_demo_runs_and_prints_the_table(tmp_path):
+    r = run_cli("demo", "--epochs", "2", "--probe-epochs", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "random init" in r.stdout and "pretrained" in r.stdout
+    result = json.loads(next((tmp_path / "runs").glob("*/demo.json")).read_text())
+    assert len(result) == 3
+    for row in result.values():
+        assert 0 <= row["top1"] <= 100 and row["top1"] <= row["top5"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["pretrain", "--data", "/nonexistent/folder", "--max-epochs", "1"], "/nonexistent/folder"),
+        (["pretrain", "--backbone", "resnet_typo", "--max-epochs", "1"], "unknown backbone 'resnet_typo'"),
+        (["pretrain", "--resume", "--name", "nope"], "cannot resume"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_misspelt_flag_is_rejected(tmp_path):
+    r = run_cli("pretrain", "--lrr", "0.1", cwd=tmp_path)
+    assert r.returncode == 2 and "unrecognized arguments: --lrr" in r.stderr
+
+
+def test_method_help_lists_method_options(tmp_path):
+    r = run_cli("pretrain", "--method", "rotation", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "--head-hidden" in r.stdout and "--max-epochs" in r.stdout

@@ -1,0 +1,88 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import selfsup
+from selfsup.errors import ConfigError
+from selfsup.pretext.rotation import Rotation
+from selfsup.ssl.module import warmup_cosine
+
+
+def test_registry_holds_rotation():
+    assert selfsup.METHODS["rotation"] is Rotation
+    assert {"convnet_small", "cifar_resnet18"} <= set(selfsup.BACKBONES)
+
+
+def test_misspelt_option_fails():
+    with pytest.raises(TypeError):
+        Rotation(backbone="convnet_small", lrr=0.1)
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        Rotation(backbone="convnet_small", optimizer="adam")
+
+
+def test_hparams_rebuild_the_model():
+    m = Rotation(backbone="convnet_small", norm="group", lr=0.3, head_hidden=16)
+    again = Rotation(**dict(m.hparams))
+    assert dict(again.hparams) == dict(m.hparams)
+    assert again.hparams.norm == "group" and again.hparams.head_hidden == 16
+
+
+def test_export_load_encoder_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    m = Rotation(backbone="convnet_small", norm="group")
+    with torch.no_grad():  # move the weights away from any seeded init
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    m.eval()
+    x = torch.rand(4, 3, 24, 24)
+    expected = m.encode(x)
+    m.export(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"encoder.safetensors", "config.json"}
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["method"] == "rotation" and cfg["num_features"] == 128
+    enc = selfsup.load_encoder(tmp_path)
+    assert not enc.training and enc.num_features == 128
+    with torch.no_grad():
+        got = enc(x)
+    assert torch.equal(got, expected)
+    # uint8 input is the same as its [0, 1] float version
+    u8 = (x * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(u8), enc(u8.float() / 255))
+
+
+def test_load_encoder_bad_dir(tmp_path):
+    with pytest.raises(ConfigError, match="config.json not found"):
+        selfsup.load_encoder(tmp_path)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "lars"])
+def test_optimizers_and_no_decay_groups(optimizer):
+    m = Rotation(backbone="convnet_small", optimizer=optimizer, weight_decay=0.1)
+    opt = m.build_optimizer(m.parameters())
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+
+
+def test_warmup_cosine_schedule():
+    lrs = [warmup_cosine(s, warmup_steps=10, total_steps=100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] < 0.01
+
+
+def test_project_root_does_not_shadow_stdlib_ssl():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", "import ssl, sys; print(ssl.__file__); import selfsup.ssl"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout
+    ssl_file = out.strip().splitlines()[0]
+    assert not ssl_file.startswith(str(root)), f"the project shadows the standard library ssl: {ssl_file}"
+    assert not (root / "ssl").exists() and not (root / "pretext").exists()
