@@ -6,8 +6,9 @@
 
 # Importing the method modules registers them in METHODS.
 from selfsup import pretext as _pretext  # noqa: E402,F401
+from selfsup.eval.features import extract_features
 from selfsup.ssl.backbone import BACKBONES, Backbone
 from selfsup.ssl.module import METHODS, SSLModule, load_encoder
 
 __version__ = "0.1.0"
-__all__ = ["BACKBONES", "METHODS", "Backbone", "SSLModule", "load_encoder", "__version__"]
+__all__ = ["BACKBONES", "METHODS", "Backbone", "SSLModule", "extract_features", "load_encoder", "__version__"]

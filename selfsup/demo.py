@@ -1,6 +1,9 @@
 """``selfsup demo``: rotation pretraining on the embedded digits, against the random-init floor.
 
-Needs no files and no network: the data is scikit-learn's bundled handwritten digits.
+Needs no files and no network: the data is scikit-learn's bundled handwritten digits. The demo
+pretrains, then compares the pretrained encoder with a randomly initialised encoder of the same
+architecture (and raw pixels) three ways: the online probe, a linear probe and kNN on cached
+features, and a label-efficiency sweep (accuracy against labelled images per class) with its plot.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from rich.table import Table
 from torch import nn
 
 from selfsup.data.datamodule import SelfSupDataModule
+from selfsup.eval import harness
 from selfsup.eval.online import FrozenEncoder, OnlineLinearProbe
-from selfsup.ssl.module import METHODS
+from selfsup.quiet import quiet_lightning
 from selfsup.train import pretrain
 
 
@@ -22,46 +26,55 @@ def probe_frozen(encoder: nn.Module, dm: SelfSupDataModule, epochs: int, seed: i
     """Top-1/top-5 (%) of the online probe trained for ``epochs`` on a frozen encoder's features."""
     pl.seed_everything(seed, verbose=False)
     probe = OnlineLinearProbe(dm.num_classes, seed=seed)
-    trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        callbacks=[probe], num_sanity_val_steps=0, check_val_every_n_epoch=epochs, enable_model_summary=False,
-    )
-    trainer.fit(FrozenEncoder(encoder), datamodule=dm)
+    with quiet_lightning():
+        trainer = pl.Trainer(
+            max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+            callbacks=[probe], num_sanity_val_steps=0, check_val_every_n_epoch=epochs, enable_model_summary=False,
+        )
+        trainer.fit(FrozenEncoder(encoder), datamodule=dm)
     return probe.last_top1, probe.last_top5
 
 
 def run_demo(
-    epochs: int = 30, probe_epochs: int = 30, backbone: str = "convnet_small", output: str = "runs", seed: int = 0
+    epochs: int = 20,
+    backbone: str = "convnet_small",
+    output: str = "runs",
+    seed: int = 0,
+    seeds: int = 3,
+    ks: tuple = (1, 2, 5, 10, 20, 50, None),
 ) -> dict:
-    """Pretrain rotation on digits, probe it and a random-init twin the same way, print and return the table."""
+    """Pretrain rotation on digits; print the comparison table and the sweep; return the numbers."""
     console = Console()
     console.print(f"[bold]selfsup demo[/]: rotation pretraining of {backbone} on the embedded digits ({epochs} epochs)")
     config = {
         "method": "rotation",
         "model": {"backbone": backbone, "lr": 0.05, "warmup_epochs": 2.0, "crop_scale": 0.7, "flip": False},
         "data": {"data": "digits", "batch_size": 128, "image_size": 16},
-        "trainer": {"max_epochs": epochs, "log_every_n_steps": 5, "check_val_every_n_epoch": max(1, epochs // 3)},
+        "trainer": {"max_epochs": epochs, "log_every_n_steps": 5, "check_val_every_n_epoch": max(1, epochs // 4)},
         "seed": seed,
         "output": output,
     }
     run = pretrain(config)
-    dm = run.datamodule
+    src = harness.resolve_source(str(run.run_dir))
+    ev = harness.prepare(src)
+    random_name = next(n for n in ev.features if n.startswith("random"))
 
-    rows = {"pretrained (online probe, during pretraining)": (run.probe.last_top1, run.probe.last_top5)}
-    console.print(f"probing the frozen pretrained and random-init encoders ({probe_epochs} epochs each)")
-    rows["pretrained (frozen probe)"] = probe_frozen(run.model.encoder(), dm, probe_epochs, seed)
-    pl.seed_everything(seed + 1, verbose=False)
-    random_model = METHODS["rotation"](**dict(run.model.hparams))
-    rows["random init, same architecture (frozen probe)"] = probe_frozen(random_model.encoder(), dm, probe_epochs, seed)
+    console.print("online probe of the random-init encoder (same epochs), linear probe and kNN on cached features")
+    online = {src.name: run.probe.last_top1, random_name: probe_frozen(src.random_twin(), run.datamodule, epochs, seed)[0]}
+    linear = harness.evaluate(ev, "probe")
+    knn = harness.evaluate(ev, "knn")
 
-    table = Table(title=f"digits, {len(dm.val_set)} held-out images, {dm.num_classes} classes, backbone {backbone}")
-    table.add_column("encoder")
-    table.add_column("top-1 %", justify="right")
-    table.add_column("top-5 %", justify="right")
-    for name, (t1, t5) in rows.items():
-        table.add_row(name, f"{t1:.1f}", f"{t5:.1f}")
+    table = Table(title=f"digits: {len(ev.train)} train / {len(ev.test)} test images, backbone {backbone}; top-1 %")
+    for col in ("encoder", "online probe", "linear probe", "kNN (k=20)"):
+        table.add_column(col, justify="left" if col == "encoder" else "right")
+    rows = {}
+    for name in ev.features:
+        rows[name] = {"online_top1": online.get(name), "linear_top1": linear[name]["top1"], "knn_top1": knn[name]["top1"]}
+        table.add_row(name, *(("-" if v is None else f"{v:.1f}") for v in rows[name].values()))
     console.print(table)
-    result = {name: {"top1": t1, "top5": t5} for name, (t1, t5) in rows.items()}
-    (run.run_dir / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"run directory: {run.run_dir} (encoder: {run.run_dir / 'export'}, results: demo.json)")
-    return result
+
+    sweep_json, sweep_png = harness.sweep(ev, src, ks=ks, seeds=list(range(seeds)))
+    (run.run_dir / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
+    console.print(f"run directory: {run.run_dir}  (encoder: export/, table: demo.json, sweep: eval/sweep.json, "
+                  f"plot: {sweep_png})")
+    return rows

@@ -20,6 +20,7 @@ import csv
 import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,13 +213,16 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
     )
     ckpt = str(run_dir / "checkpoints" / "last.ckpt") if resume else None
     try:
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+        with warnings.catch_warnings():
+            # metrics.csv was set aside above and is merged back below: nothing is deleted.
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     finally:
         if trainer.is_global_zero:
             _merge_metrics(run_dir)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
-        model.export(run_dir / "export")
+        model.export(run_dir / "export", data={"data": cfg["data"]["data"], "image_size": dm.image_size})
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return RunResult(run_dir, model, dm, metrics, probe)
 

@@ -56,13 +56,16 @@ def test_pretrain_resume_and_export(tmp_path):
 
 
 def test_demo_runs_and_prints_the_table(tmp_path):
-    r = run_cli("demo", "--epochs", "2", "--probe-epochs", "2", cwd=tmp_path)
+    r = run_cli("demo", "--epochs", "2", "--seeds", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "random init" in r.stdout and "pretrained" in r.stdout
-    result = json.loads(next((tmp_path / "runs").glob("*/demo.json")).read_text())
-    assert len(result) == 3
-    for row in result.values():
-        assert 0 <= row["top1"] <= 100 and row["top1"] <= row["top5"]
+    assert "random init" in r.stdout and "pixels" in r.stdout and "Label efficiency" in r.stdout
+    run = next((tmp_path / "runs").glob("*/demo.json")).parent
+    rows = json.loads((run / "demo.json").read_text())
+    assert len(rows) == 3 and sum(name.startswith("random init") for name in rows) == 1
+    for row in rows.values():
+        assert 0 <= row["linear_top1"] <= 100 and 0 <= row["knn_top1"] <= 100
+    assert rows["pixels"]["online_top1"] is None
+    assert (run / "eval" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(

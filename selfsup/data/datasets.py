@@ -123,7 +123,8 @@ class ArrayDataset(Dataset):
 
 def batch_collate(batch: Any) -> Any:
     """Collate that passes through a batch already built by ``__getitems__`` and default-collates otherwise."""
-    if isinstance(batch, tuple) and len(batch) == 2 and all(isinstance(b, torch.Tensor) for b in batch):
+    # __getitems__ returns a tuple of batched tensors; a list of samples is collated as usual.
+    if isinstance(batch, tuple) and all(isinstance(b, torch.Tensor) for b in batch):
         return batch
     return default_collate(batch)
 

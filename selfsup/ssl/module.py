@@ -220,8 +220,11 @@ class SSLModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- export ----------------------------------------------------------------------------------
-    def export(self, directory: str | Path) -> Path:
-        """Write ``encoder.safetensors`` + ``config.json`` into ``directory``; :func:`load_encoder` reads them."""
+    def export(self, directory: str | Path, data: dict | None = None) -> Path:
+        """Write ``encoder.safetensors`` + ``config.json`` into ``directory``; :func:`load_encoder` reads them.
+
+        ``data`` (the training data spec and image size) is recorded so evaluation can default to it.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         enc = self.encoder()
@@ -232,6 +235,7 @@ class SSLModule(pl.LightningModule):
             "method": self.method_name,
             "hparams": _jsonable(dict(self.hparams)),
             "num_features": int(enc.num_features),
+            "data": data,
         }
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return directory

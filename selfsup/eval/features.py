@@ -1,0 +1,254 @@
+"""Extract features once with a frozen encoder and cache them; every probe, kNN and sweep reads the cache.
+
+Extraction runs the encoder in eval mode (norm layers included), without augmentation, under
+Lightning's ``Trainer.predict``: on the CPU, one GPU, or many GPUs / nodes with DDP. Each rank writes
+its rows with their dataset indices to a shard file; rank 0 assembles them in dataset order, so
+the result is identical to a single process. (Multi-node extraction needs the cache directory on
+a filesystem all nodes share, as checkpoints do.)
+
+The cache is one safetensors file per (encoder weights, encoder config, dataset, split, image size,
+transform, dtype); its name is a hash of all of them, so changed weights are a cache miss. Reading
+memory-maps the file, so an ImageNet-size cache (1.28M x 2048) never has to fit in RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from safetensors.numpy import save_file
+from torch import nn
+
+from selfsup.data.datasets import batch_collate, load_dataset
+from selfsup.errors import ConfigError
+from selfsup.quiet import quiet_lightning
+
+TRANSFORM_ID = "resize-centre-crop/no-augmentation/v1"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class Features:
+    """Cached features of one dataset split: ``x`` (N, D) and ``y`` (N,) in dataset order (memory-mapped)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    path: Path
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SELFSUP_CACHE", Path.home() / ".cache" / "selfsup")) / "features"
+
+
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    """Hash of an encoder's weights and buffers (and its config when it has one)."""
+    h = hashlib.sha256()
+    h.update(type(encoder).__qualname__.encode())
+    config = getattr(encoder, "config", None)
+    if config is not None:
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_safetensors_mmap(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Memory-map every tensor of a safetensors file as a read-only numpy array, plus its metadata."""
+    path = Path(path)
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", {}) or {}
+    np_types = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "BF16": None}
+    arrays = {}
+    for name, info in header.items():
+        dtype = np_types.get(info["dtype"])
+        if dtype is None:
+            raise ConfigError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        count = int(np.prod(info["shape"])) if info["shape"] else 1
+        if count == 0:
+            arrays[name] = np.zeros(info["shape"], dtype)
+            continue
+        arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=tuple(info["shape"]))
+        if (end - start) != count * np.dtype(dtype).itemsize:
+            raise ConfigError(f"{path}: tensor {name!r} is truncated; delete the file to re-extract")
+    return arrays, meta
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Wraps a dataset so every sample carries its index: ``(index, image, label)``."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        img, label = self.dataset[i]
+        return i, img, label
+
+    def __getitems__(self, indices: list[int]):
+        if hasattr(self.dataset, "__getitems__"):
+            imgs, labels = self.dataset.__getitems__(indices)
+            return torch.as_tensor(indices), imgs, labels
+        return [self[i] for i in indices]
+
+
+class _Extractor(pl.LightningModule):
+    """Runs the frozen encoder in ``predict``; each rank keeps its (indices, features, labels)."""
+
+    def __init__(self, encoder: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.out_dtype = dtype
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        idx, images, labels = batch
+        feats = self.encoder(images).float()
+        if feats.ndim != 2:
+            raise ConfigError(f"the encoder must return (B, D) features, got shape {tuple(feats.shape)}")
+        if not torch.isfinite(feats).all():
+            raise ConfigError("the encoder produced NaN or infinite features")
+        self.chunks.append((idx.cpu(), feats.to(self.out_dtype).cpu(), labels.cpu()))
+        return None
+
+
+def _cache_key(encoder: nn.Module, dataset, split: str, dtype: str) -> tuple[str, dict]:
+    meta = {
+        "encoder": encoder_fingerprint(encoder),
+        "dataset": str(getattr(dataset, "name", type(dataset).__name__)),
+        "split": split,
+        "n": str(len(dataset)),
+        "image_size": str(getattr(dataset, "image_size", "")),
+        "transform": TRANSFORM_ID,
+        "dtype": dtype,
+    }
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+    return key, meta
+
+
+def extract_features(
+    encoder: nn.Module,
+    data,
+    split: str = "train",
+    *,
+    batch_size: int = 256,
+    image_size: int | None = None,
+    cache_dir: str | Path | None = None,
+    dtype: str = "float32",
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    num_workers: int | None = None,
+    refresh: bool = False,
+    progress: bool = True,
+) -> Features:
+    """Features of every image of ``data``'s ``split``, in dataset order, from the cache when present.
+
+    Args:
+        encoder: module mapping RGB images in [0, 1] (or uint8) ``(B, 3, H, W)`` to ``(B, D)``, e.g.
+            from :func:`selfsup.load_encoder`.
+        data: a dataset spec (``"digits"``, ``"cifar10:ROOT"``, a folder) or a dataset yielding
+            ``(uint8 image, label)`` with a ``name`` attribute (used in the cache key).
+        split: ``"train"`` or ``"val"`` (a folder's ``val``/``test``; a torchvision dataset's test split).
+        image_size: resize the data to this square size (default: the data's own).
+        cache_dir: where the cache lives (default ``$SELFSUP_CACHE/features``).
+        dtype: storage dtype, ``"float32"`` or ``"float16"``.
+        accelerator, devices, num_nodes, strategy: Lightning Trainer settings (``strategy="ddp"``
+            with ``devices=2`` extracts with two processes).
+        refresh: re-extract even when the cache holds these features.
+
+    Returns:
+        :class:`Features` with memory-mapped ``x`` (N, D) and ``y`` (N,).
+    """
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if isinstance(data, (str, Path)):
+        dataset = load_dataset(str(data), split=split, image_size=image_size)
+    else:
+        dataset = data
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key, meta = _cache_key(encoder, dataset, split, dtype)
+    path = cache_dir / f"{key}.safetensors"
+    if path.is_file() and not refresh:
+        return _load(path)
+
+    module = _Extractor(encoder, _DTYPES[dtype])
+    loader = torch.utils.data.DataLoader(
+        _Indexed(dataset), batch_size=batch_size, shuffle=False, collate_fn=batch_collate,
+        num_workers=_workers(dataset, num_workers), pin_memory=torch.cuda.is_available(),
+    )
+    with quiet_lightning():
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, logger=False,
+            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+            inference_mode=True,
+        )
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+
+    shard_dir = cache_dir / f"{key}.shards"
+    rank, world = trainer.global_rank, trainer.world_size
+    if world > 1:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(module.chunks, shard_dir / f"rank{rank}.pt")
+        trainer.strategy.barrier("features-shards")
+    if rank == 0:
+        if world > 1:
+            chunks = [c for r in range(world) for c in torch.load(shard_dir / f"rank{r}.pt")]
+        else:
+            chunks = module.chunks
+        _assemble(chunks, len(dataset), path, meta, dtype)
+        if world > 1:
+            for r in range(world):
+                (shard_dir / f"rank{r}.pt").unlink()
+            shard_dir.rmdir()
+    if world > 1:
+        trainer.strategy.barrier("features-written")
+    return _load(path)
+
+
+def _workers(dataset, num_workers: int | None) -> int:
+    if num_workers is not None:
+        return num_workers
+    return 0 if hasattr(dataset, "__getitems__") else min(8, os.cpu_count() or 1)
+
+
+def _assemble(chunks, n: int, path: Path, meta: dict, dtype: str) -> None:
+    """Put every rank's rows at their dataset index and write the cache atomically."""
+    idx = torch.cat([c[0] for c in chunks])
+    feats = torch.cat([c[1] for c in chunks])
+    labels = torch.cat([c[2] for c in chunks]).long()
+    order = torch.full((n,), -1, dtype=torch.long)
+    order[idx] = torch.arange(len(idx))  # duplicates (a padded sampler) point at one of their copies
+    if (order < 0).any():
+        raise RuntimeError(f"feature extraction missed {(order < 0).sum()} of {n} images")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(
+        {"features": feats[order].numpy(), "labels": labels[order].numpy()},
+        str(tmp),
+        metadata={**meta, "num_features": str(feats.shape[1])},
+    )
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> Features:
+    arrays, meta = read_safetensors_mmap(path)
+    return Features(x=arrays["features"], y=np.asarray(arrays["labels"]), path=path, meta=meta)

@@ -1,0 +1,196 @@
+"""Reports of a label-efficiency sweep: a rich table, a matplotlib PNG curve, and the JSON file.
+
+All three read the result dict of :func:`selfsup.eval.label_efficiency.label_efficiency_sweep` (its
+schema is in that module's docstring). The plot follows CPC v2's label-efficiency figure: accuracy
+against labelled images per class on a log axis, one line per encoder and method with a band of one
+standard deviation over seeds, and the baselines (names starting with "random" or "pixels") dashed in
+greys so the learned encoders stand out against the floor; a "supervised..." line is drawn in black.
+
+- [0] CPC v2, 2019, https://arxiv.org/abs/1905.09272
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from selfsup.errors import ConfigError
+
+BASELINE_PREFIXES = ("random", "pixels")
+_METRICS = ("top1", "top5")
+_METHOD_STYLE = {"linear": ("-", "o"), "knn": ("-.", "s"), "finetune": (":", "^")}
+_BASELINE_GREYS = ("0.25", "0.5", "0.65", "0.4", "0.75")
+
+
+def is_baseline(name: str) -> bool:
+    """Whether an encoder name denotes a baseline (random-init encoder or raw pixels)."""
+    return name.lower().startswith(BASELINE_PREFIXES)
+
+
+def _check(result: Mapping[str, Any], metric: str) -> None:
+    if metric not in _METRICS:
+        raise ConfigError(f"metric must be one of {_METRICS}, got {metric!r}")
+    missing = [key for key in ("budgets", "results") if key not in result]
+    if missing:
+        raise ConfigError(f"not a label-efficiency result: missing {missing}")
+
+
+def print_sweep_table(
+    result: Mapping[str, Any], console: Console | None = None, metric: str = "top1"
+) -> Table:
+    """Print one table: a row per encoder and method, a column per budget, cells "mean ± std" in percent.
+
+    The best mean of each column among the rows of one method is bold.
+
+    Args:
+        result: a :func:`~selfsup.eval.label_efficiency.label_efficiency_sweep` result.
+        console: where to print; a new :class:`rich.console.Console` when None.
+        metric: "top1" or "top5".
+
+    Returns:
+        The printed :class:`rich.table.Table`.
+    """
+    _check(result, metric)
+    budgets = result["budgets"]
+    seeds = result.get("seeds", [])
+    title = f"Label efficiency{' on ' + result['dataset'] if result.get('dataset') else ''}: {metric} (%)"
+    table = Table(title=title, caption=f"mean ± std over {len(seeds)} seed(s); (n) = labelled images")
+    table.add_column("encoder", style="bold", no_wrap=True)
+    table.add_column("method", no_wrap=True)
+    for b in budgets:
+        table.add_column(f"{b['name']}\n({b['n_labels']})", justify="right", no_wrap=True)
+    best: dict[tuple[str, str], float] = {}
+    for methods in result["results"].values():
+        for method, entries in methods.items():
+            for e in entries:
+                key = (method, e["budget"])
+                best[key] = max(best.get(key, -np.inf), e[f"{metric}_mean"])
+    for name, methods in result["results"].items():
+        for method, entries in methods.items():
+            by_budget = {e["budget"]: e for e in entries}
+            cells = []
+            for b in budgets:
+                e = by_budget.get(b["name"])
+                if e is None:
+                    cells.append("-")
+                    continue
+                mean, std = e[f"{metric}_mean"], e[f"{metric}_std"]
+                cell = f"{mean:.1f} ± {std:.1f}"
+                cells.append(f"[bold]{cell}[/bold]" if mean >= best[(method, b["name"])] else cell)
+            table.add_row(name if not is_baseline(name) else f"[dim]{name}[/dim]", method, *cells)
+    (console or Console()).print(table)
+    return table
+
+
+def _x_positions(result: Mapping[str, Any]) -> dict[str, float]:
+    """x (labelled images per class) of each budget; "all" sits at the mean per-class count."""
+    mean_per_class = result.get("mean_labels_per_class")
+    xs = {}
+    for b in result["budgets"]:
+        x = b["labels_per_class"]
+        if b["name"] == "all" and mean_per_class:
+            x = mean_per_class
+        xs[b["name"]] = float(x)
+    return xs
+
+
+def plot_sweep(result: Mapping[str, Any], path: str | Path, metric: str = "top1") -> Path:
+    """Plot accuracy against labelled images per class (log x) as a PNG; return its path.
+
+    One line per encoder and method, with a ±1 std band over seeds (``fill_between``); baselines
+    (names starting with "random" or "pixels") are dashed greys. The "all labels" point sits at the mean
+    number of labels per class and its tick reads "all"; percent budgets read "10%".
+
+    Args:
+        result: a :func:`~selfsup.eval.label_efficiency.label_efficiency_sweep` result.
+        path: where to write the PNG (parent folders are created).
+        metric: "top1" or "top5".
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    _check(result, metric)
+    path = Path(path)
+    xs = _x_positions(result)
+    # pyplot-free figure: no global backend switch, safe in threads and on headless machines
+    fig = Figure(figsize=(7.5, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    n_learned = n_base = 0
+    for name, methods in result["results"].items():
+        baseline = is_baseline(name)
+        if baseline:
+            color, n_base = _BASELINE_GREYS[n_base % len(_BASELINE_GREYS)], n_base + 1
+        elif name.lower().startswith("supervised"):
+            color = "black"  # the supervised reference (a ceiling rather than a floor)
+        else:
+            color, n_learned = f"C{n_learned % 10}", n_learned + 1
+        for method, entries in methods.items():
+            pts = sorted((xs[e["budget"]], e[f"{metric}_mean"], e[f"{metric}_std"]) for e in entries)
+            if not pts:
+                continue
+            x, mean, std = (np.array(v, dtype=float) for v in zip(*pts, strict=True))
+            style, marker = _METHOD_STYLE.get(method, ("-", "o"))
+            ax.plot(
+                x, mean, linestyle="--" if baseline else style, marker=marker, markersize=4,
+                color=color, label=f"{name} ({method})", linewidth=1.4 if baseline else 1.8,
+            )  # fmt: skip
+            ax.fill_between(
+                x, mean - std, mean + std, color=color, alpha=0.12 if baseline else 0.2, linewidth=0
+            )
+    ticks: dict[float, list[str]] = {}
+    for b in result["budgets"]:
+        label = b["name"] if b["name"] == "all" else (f"{b['percent']:g}%" if b["k"] is None else str(b["k"]))
+        ticks.setdefault(xs[b["name"]], []).append(label)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(list(ticks), ["/".join(v) for v in ticks.values()])
+    ax.set_xlabel("labelled images per class (log scale)")
+    ax.set_ylabel(f"{'top-1' if metric == 'top1' else 'top-5'} accuracy (%)")
+    dataset = result.get("dataset") or "features"
+    n_seeds = len(result.get("seeds", [])) or 1
+    ax.set_title(
+        f"Label efficiency on {dataset} (mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''})"
+    )
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _to_json(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def write_json(result: Mapping[str, Any], path: str | Path) -> Path:
+    """Write a result dict as indented JSON (numpy/torch values converted); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=_to_json, allow_nan=False) + "\n")
+    return path
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Read a result written by :func:`write_json`."""
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,70 @@
+"""`selfsup features|probe|knn|sweep` end to end on the embedded digits, as a user runs them."""
+
+import json
+
+import pytest
+
+from selfsup.train import pretrain
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = {"model": {"backbone": "convnet_small"}, "data": {"data": "digits", "image_size": 16, "batch_size": 128},
+           "trainer": {"max_epochs": 1},
+           "output": str(out), "name": "tiny"}
+    return pretrain(cfg).run_dir
+
+
+def test_probe_and_knn_report_the_encoder_beside_its_baselines(run_dir):
+    for cmd in ("probe", "knn"):
+        r = run_cli(cmd, str(run_dir), cwd=run_dir.parent)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res = json.loads((run_dir / "eval" / f"{cmd}.json").read_text())
+        assert res["data"] == "digits"
+        names = list(res["results"])
+        assert names[0] == "rotation (tiny)" and names[1].startswith("random init") and names[2] == "pixels"
+        assert all(0 < row["top1"] <= row["top5"] <= 100 for row in res["results"].values())
+        assert res["results"]["pixels"]["features"] == 3 * 16 * 16
+    # the features were cached under the run: one file per encoder and split
+    assert len(list((run_dir / "features").glob("*.safetensors"))) == 6
+
+
+def test_features_command_reuses_the_cache(run_dir):
+    r = run_cli("features", str(run_dir / "export"), "--no-baselines", cwd=run_dir.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train (1437, 128)" in r.stdout and "test (360, 128)" in r.stdout
+
+
+def test_sweep_writes_json_png_and_supervised_and_finetune_lines(run_dir):
+    r = run_cli("sweep", str(run_dir), "--ks", "1,5,all", "--seeds", "2", "--supervised", "--finetune",
+                "--finetune-steps", "3", cwd=run_dir.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((run_dir / "eval" / "sweep.json").read_text())
+    assert [b["name"] for b in res["budgets"]] == ["k=1", "k=5", "all"]
+    assert set(res["results"]["rotation (tiny)"]) == {"linear", "knn", "finetune"}
+    assert set(res["results"]["supervised (same backbone, from scratch)"]) == {"finetune"}
+    assert set(res["results"]["pixels"]) == {"linear", "knn"}
+    assert len(res["results"]["pixels"]["linear"][0]["runs"]) == 2
+    png = (run_dir / "eval" / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_random_init_source(tmp_path):
+    r = run_cli("knn", "--random-init", "convnet_small", "--data", "digits", "--image-size", "16",
+                "--output", str(tmp_path / "rnd"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "rnd" / "knn.json").read_text())
+    assert list(res["results"]) == ["random-init convnet_small", "pixels"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["probe", "/no/such/run"], "neither a run directory"),
+    (["probe"], "either a run or export directory"),
+])
+def test_eval_errors_are_one_line(tmp_path, args, message):
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

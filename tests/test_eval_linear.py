@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from selfsup.errors import ConfigError
+from selfsup.eval.linear import check_split, fit_logistic, linear_probe, stratified_holdout
+
+
+def blobs(n_train, n_test, d, c, sep, seed=0, correlated=False):
+    """Gaussian blobs; ``correlated`` mixes the noise so the best classifier is not the centroid one."""
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(c, d)) * sep
+    mix = rng.normal(size=(d, d)) * np.exp(rng.normal(size=d))[:, None] if correlated else np.eye(d)
+
+    def make(n):
+        y = np.arange(n) % c
+        return (mu[y] + rng.normal(size=(n, d)) @ mix + 3.0).astype(np.float32), y
+
+    return (*make(n_train), *make(n_test))
+
+
+@pytest.mark.parametrize("sep", [4.0, 0.6], ids=["separable", "overlapping"])
+@pytest.mark.parametrize("weight_decay", [1e-3, 1e-1])
+def test_fit_logistic_matches_sklearn_at_same_regularisation(sep, weight_decay):
+    tx, ty, vx, vy = blobs(400, 400, 10, 4, sep)
+    scaler = StandardScaler().fit(tx)
+    tx, vx = scaler.transform(tx).astype(np.float32), scaler.transform(vx).astype(np.float32)
+    w, b = fit_logistic(tx, ty, weight_decay, max_iter=1000, tol=1e-6)
+    ours = torch.softmax(torch.from_numpy(vx) @ w + b, dim=1).numpy()
+    ref = LogisticRegression(C=1.0 / (weight_decay * len(ty)), tol=1e-8, max_iter=5000).fit(tx, ty)
+    theirs = ref.predict_proba(vx)
+    assert np.abs(ours - theirs).max() < 2e-3
+    acc_ours = 100 * (ours.argmax(1) == vy).mean()
+    assert abs(acc_ours - 100 * ref.score(vx, vy)) <= 0.5
+    np.testing.assert_allclose(w.numpy().T, ref.coef_, atol=5e-3 * max(1.0, np.abs(ref.coef_).max()))
+
+
+@pytest.mark.parametrize("sep", [4.0, 0.6], ids=["separable", "overlapping"])
+def test_linear_probe_accuracy_matches_sklearn_at_chosen_c(sep):
+    tx, ty, vx, vy = blobs(600, 600, 12, 5, sep, seed=1)
+    res = linear_probe(tx, ty, vx, vy)
+    scaler = StandardScaler().fit(tx)
+    ref = LogisticRegression(C=res["C"], max_iter=5000).fit(scaler.transform(tx), ty)
+    assert abs(res["top1"] - 100 * ref.score(scaler.transform(vx), vy)) <= 0.5
+    assert res["n_train"] == 600 and res["n_test"] == 600 and res["num_classes"] == 5
+    assert res["top5"] == 100.0  # top-5 of 5 classes
+    assert res["val_top1"] is not None and res["val_curve"][0]["weight_decay"] == 1.0
+
+
+def test_regularisation_stronger_on_noisy_high_dim_small_n():
+    clean = linear_probe(*blobs(2000, 500, 16, 4, 1.0, seed=0, correlated=True))
+    noisy = linear_probe(*blobs(200, 500, 500, 4, 0.08, seed=0))
+    assert noisy["weight_decay"] >= 100 * clean["weight_decay"]
+    assert clean["top1"] > 90
+
+
+def test_numpy_torch_and_label_values_agree():
+    tx, ty, vx, vy = blobs(300, 200, 8, 3, 1.5, seed=2)
+    labels = np.array([3, 7, 10])  # non-contiguous label values
+    a = linear_probe(tx, labels[ty], vx, labels[vy], return_model=True)
+    b = linear_probe(torch.from_numpy(tx), torch.from_numpy(ty), torch.from_numpy(vx), torch.from_numpy(vy))
+    assert a["top1"] == pytest.approx(b["top1"], abs=0.5)
+    pred = a["model"].predict(vx).numpy()
+    assert set(pred) <= {3, 7, 10}
+    assert 100 * (pred == labels[vy]).mean() == pytest.approx(a["top1"])
+
+
+def test_one_label_per_class_uses_default_strength():
+    tx, ty, vx, vy = blobs(3, 90, 8, 3, 3.0, seed=3)
+    res = linear_probe(tx, ty, vx, vy, default_weight_decay=1e-2)
+    assert res["val_top1"] is None and res["weight_decay"] == 1e-2 and res["top1"] > 60
+
+
+def test_minibatch_path_close_to_lbfgs():
+    tx, ty, vx, vy = blobs(800, 400, 10, 4, 0.8, seed=4)
+    full = linear_probe(tx, ty, vx, vy, weight_decays=[1e-3])
+    mini = linear_probe(tx, ty, vx, vy, weight_decays=[1e-3], batch_size=128, epochs=40)
+    assert abs(full["top1"] - mini["top1"]) <= 2.0
+    # the mini-batch path minimises the same objective, to within a few percent
+    x, y = torch.from_numpy(StandardScaler().fit_transform(tx)).float(), torch.from_numpy(ty)
+
+    def objective(w, b):
+        return float(torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5e-3 * w.square().sum())
+
+    best = objective(*fit_logistic(x, y, 1e-3))
+    assert 0.999 * best <= objective(*fit_logistic(x, y, 1e-3, batch_size=128, epochs=40)) <= 1.1 * best
+
+
+def test_stratified_holdout_keeps_every_class_on_both_sides():
+    y = torch.tensor([0] * 10 + [1] * 2 + [2] * 5)
+    fit, val = stratified_holdout(y, 0.2, seed=0)
+    assert sorted(torch.cat([fit, val]).tolist()) == list(range(17))
+    assert set(y[fit].tolist()) == set(y[val].tolist()) == {0, 1, 2}
+    assert torch.bincount(y[val]).tolist() == [2, 1, 1]
+    assert stratified_holdout(torch.tensor([0, 0, 1]), 0.2, seed=0) is None
+
+
+def test_bad_input_errors():
+    tx, ty, vx, vy = blobs(60, 30, 4, 3, 2.0)
+    with pytest.raises(ConfigError, match="60 feature rows but 59 labels"):
+        linear_probe(tx, ty[:-1], vx, vy)
+    with pytest.raises(ConfigError, match="4 dims but test features have 3"):
+        linear_probe(tx, ty, vx[:, :3], vy)
+    bad = tx.copy()
+    bad[5, 1] = np.nan
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        linear_probe(bad, ty, vx, vy)
+    with pytest.raises(ConfigError, match=r"test labels \{2\}.*no training sample"):
+        linear_probe(tx[ty < 2], ty[ty < 2], vx, vy)
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        linear_probe(tx[ty == 0], ty[ty == 0], vx[vy == 0], vy[vy == 0])
+    with pytest.raises(ConfigError, match="integer class labels"):
+        linear_probe(tx, ty.astype(np.float32), vx, vy)
+    with pytest.raises(ConfigError, match="weight_decays"):
+        linear_probe(tx, ty, vx, vy, weight_decays=[0.0])
+    with pytest.raises(ConfigError):
+        check_split(tx, ty, vx, vy, num_classes=2)

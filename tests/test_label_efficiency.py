@@ -1,0 +1,140 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from selfsup.errors import ConfigError
+from selfsup.eval.label_efficiency import SCHEMA, label_efficiency_sweep, subset_indices
+
+
+@pytest.fixture
+def labels():
+    rng = np.random.default_rng(0)
+    return rng.permutation(np.repeat(np.arange(5), [30, 25, 40, 12, 50]))
+
+
+def test_k_per_class_is_stratified_sorted_and_deterministic(labels):
+    idx = subset_indices(labels, k=10, seed=0, dataset_key="toy")
+    assert np.bincount(labels[idx]).tolist() == [10] * 5
+    assert np.all(np.diff(idx) > 0) and idx.dtype == np.int64
+    np.testing.assert_array_equal(idx, subset_indices(labels, k=10, seed=0, dataset_key="toy"))
+    np.testing.assert_array_equal(
+        idx, subset_indices(torch.from_numpy(labels), k=10, seed=0, dataset_key="toy")
+    )
+
+
+def test_k_larger_than_a_class_takes_the_whole_class(labels):
+    idx = subset_indices(labels, k=20)
+    assert np.bincount(labels[idx]).tolist() == [20, 20, 20, 12, 20]
+
+
+def test_subsets_are_nested_across_budgets(labels):
+    s2, s5, s10 = (set(subset_indices(labels, k=k, seed=3, dataset_key="toy")) for k in (2, 5, 10))
+    assert s2 < s5 < s10
+    p1, p10, p50 = (set(subset_indices(labels, percent=p, seed=3, dataset_key="toy")) for p in (1, 10, 50))
+    assert p1 < p10 < p50
+
+
+def test_seed_and_dataset_key_change_the_subset(labels):
+    base = subset_indices(labels, k=5, seed=0, dataset_key="toy")
+    assert not np.array_equal(base, subset_indices(labels, k=5, seed=1, dataset_key="toy"))
+    assert not np.array_equal(base, subset_indices(labels, k=5, seed=0, dataset_key="other"))
+
+
+def test_a_class_subset_depends_only_on_its_own_indices(labels):
+    relabelled = labels.copy()
+    relabelled[labels == 4] = 7  # change another class's label value
+    a = subset_indices(labels, k=5, seed=2)
+    b = subset_indices(relabelled, k=5, seed=2)
+    np.testing.assert_array_equal(a[labels[a] != 4], b[relabelled[b] != 7])
+
+
+def test_percent_subsets_round_up_with_at_least_one_per_class(labels):
+    idx = subset_indices(labels, percent=1)
+    assert np.bincount(labels[idx]).tolist() == [1] * 5
+    idx = subset_indices(labels, percent=10)
+    assert np.bincount(labels[idx]).tolist() == [3, 3, 4, 2, 5]  # ceil(10% of 30, 25, 40, 12, 50)
+    assert len(subset_indices(labels)) == len(labels)
+
+
+def test_subset_errors(labels):
+    with pytest.raises(ConfigError, match="not both"):
+        subset_indices(labels, k=1, percent=1)
+    with pytest.raises(ConfigError, match="positive integer"):
+        subset_indices(labels, k=0)
+    with pytest.raises(ConfigError, match="percent"):
+        subset_indices(labels, percent=150)
+    with pytest.raises(ConfigError, match="integer class labels"):
+        subset_indices(labels.astype(float), k=1)
+
+
+def blob_features(seed, d=8, noise=1.0):
+    rng = np.random.default_rng(0)
+    ty, vy = np.repeat(np.arange(4), 15), np.repeat(np.arange(4), 10)
+    centres = np.random.default_rng(seed).normal(size=(4, d)) * 2
+    tx = (centres[ty] + noise * rng.normal(size=(60, d))).astype(np.float32)
+    vx = (centres[vy] + noise * rng.normal(size=(40, d))).astype(np.float32)
+    return tx, ty, vx, vy
+
+
+def test_sweep_structure_and_json(capsys):
+    calls = []
+
+    def finetune(name, idx, seed):
+        calls.append((name, len(idx), seed))
+        return {"top1": 50.0 + seed, "top5": 100.0}
+
+    encoders = {"learned": blob_features(1), "random_init": blob_features(2, noise=5.0)}
+    encoders["learned"] = tuple(torch.from_numpy(a) for a in encoders["learned"])
+    res = label_efficiency_sweep(
+        encoders, ks=(1, 5, 100, None), percents=(10,), seeds=(0, 1), dataset_key="toy", progress=False,
+        finetune_fn=finetune,
+    )  # fmt: skip
+    json.loads(json.dumps(res, allow_nan=False))
+    assert res["schema"] == SCHEMA and res["dataset"] == "toy" and res["seeds"] == [0, 1]
+    assert res["methods"] == ["linear", "knn", "finetune"]
+    assert (res["num_classes"], res["n_train"], res["n_test"]) == (4, 60, 40)
+    names = [b["name"] for b in res["budgets"]]
+    assert names == ["k=1", "k=5", "10%", "all"]  # k=100 > largest class (15) is dropped
+    assert [b["n_labels"] for b in res["budgets"]] == [4, 20, 8, 60]
+    assert res["budgets"][-1] == {
+        "name": "all",
+        "k": None,
+        "percent": 100.0,
+        "n_labels": 60,
+        "labels_per_class": 15.0,
+    }
+    for enc in encoders:
+        for method in res["methods"]:
+            entries = res["results"][enc][method]
+            assert [e["budget"] for e in entries] == names
+            for e in entries:
+                assert len(e["runs"]) == 2 and [r["seed"] for r in e["runs"]] == [0, 1]
+                assert 0 <= e["top1_mean"] <= e["top5_mean"] <= 100 and e["top1_std"] >= 0
+                assert e["top1_mean"] == pytest.approx(np.mean([r["top1"] for r in e["runs"]]))
+    knn_all = res["results"]["learned"]["knn"][-1]
+    assert knn_all["runs"][0]["top1"] == knn_all["runs"][1]["top1"] and knn_all["top1_std"] == 0.0
+    # k=1 per class: 1-NN (never more neighbours than the smallest class has labels)
+    assert res["results"]["learned"]["knn"][0]["runs"][0]["k_neighbours"] == 1
+    assert "weight_decay" in res["results"]["learned"]["linear"][0]["runs"][0]
+    assert res["results"]["learned"]["finetune"][0]["top1_std"] == pytest.approx(np.std([50, 51], ddof=1))
+    assert sorted(calls)[0] == ("learned", 4, 0) and len(calls) == 2 * 4 * 2
+    assert res["results"]["learned"]["linear"][-1]["top1_mean"] > 90
+    assert capsys.readouterr().out == ""  # progress=False prints nothing
+
+
+def test_sweep_errors():
+    a, b = blob_features(1), blob_features(2)
+    with pytest.raises(ConfigError, match="different labels"):
+        label_efficiency_sweep({"a": a, "b": (b[0], b[1][::-1].copy(), b[2], b[3])}, progress=False)
+    with pytest.raises(ConfigError, match="finetune_fn"):
+        label_efficiency_sweep({"a": a}, methods=("finetune",), progress=False)
+    with pytest.raises(ConfigError, match="methods"):
+        label_efficiency_sweep({"a": a}, methods=("svm",), progress=False)
+    nan = a[0].copy()
+    nan[0, 0] = np.nan
+    with pytest.raises(ConfigError, match="NaN"):
+        label_efficiency_sweep({"a": (nan, *a[1:])}, progress=False)
+    with pytest.raises(ConfigError, match="no label budget"):
+        label_efficiency_sweep({"a": a}, ks=(1000,), progress=False)
