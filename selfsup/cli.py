@@ -6,6 +6,8 @@ Errors from bad input or options are printed as one line (``selfsup: error: ...`
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 import sys
 import typing
 
@@ -22,6 +24,7 @@ TRAINER_FLAGS = {
     "accumulate_grad_batches": (int, "accumulate gradients over this many batches"),
     "log_every_n_steps": (int, "logging interval in steps"),
     "check_val_every_n_epoch": (int, "run the online probe's validation every N epochs"),
+    "fast_dev_run": (int, "run N training (and validation) batches only, to check a setup; writes no checkpoint"),
 }
 DATA_FLAGS = {
     "data": (str, "an ImageNet-layout folder, 'cifar10:ROOT', 'cifar100:ROOT', 'stl10:ROOT', 'svhn:ROOT' "
@@ -46,21 +49,57 @@ def _devices(value: str):
 
 
 def _arg_type(annotation):
-    """argparse type for an annotation like ``int``, ``float | None`` or ``str``."""
+    """argparse type for an annotation like ``int``, ``float | None`` or ``str``; ``none`` parses as None."""
     if isinstance(annotation, str):
         annotation = eval(annotation, {"typing": typing})  # annotations are postponed strings
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    base = args[0] if args else annotation
-    return base if base in (int, float, str, bool) else str
+    args = typing.get_args(annotation)
+    base = next((a for a in args if a is not type(None)), annotation)
+    base = base if base in (int, float, str, bool) else str
+    if type(None) not in args or base is bool:
+        return base
+
+    def optional(text: str):
+        return None if text.lower() == "none" else base(text)
+
+    optional.__name__ = base.__name__
+    return optional
+
+
+def _arg_docs(cls) -> dict[str, str]:
+    """Argument descriptions from the Google-style ``Args:`` sections of ``cls`` and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        lines = (inspect.getdoc(klass) or "").splitlines() if "__doc__" in vars(klass) else []
+        if "Args:" not in lines:
+            continue
+        entries: list[tuple[list[str], str]] = []
+        for line in lines[lines.index("Args:") + 1 :]:
+            if line and not line.startswith(" "):
+                break
+            m = re.match(r"^    (\w[\w, ]*):\s*(.*)$", line)
+            if m:
+                entries.append(([n.strip() for n in m.group(1).split(",")], m.group(2)))
+            elif entries and line.strip():
+                entries[-1] = (entries[-1][0], f"{entries[-1][1]} {line.strip()}".strip())
+        for names, text in entries:
+            if not text.startswith("see "):  # "lr, ...: see SSLModule" keeps the base's words
+                text = re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"\1", text.replace("``", ""))
+                docs.update(dict.fromkeys(names, text))
+    return docs
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, method: str) -> None:
+    from selfsup.ssl.module import METHODS
     from selfsup.train import method_arguments
 
+    docs = _arg_docs(METHODS[method])
     group = parser.add_argument_group(f"{method} options (see --method for others)")
     for name, p in method_arguments(method).items():
+        if name in DATA_FLAGS:  # e.g. CPC's image_size follows the data's --image-size
+            continue
         typ = _arg_type(p.annotation)
-        kw = {"default": argparse.SUPPRESS, "help": f"default: {p.default!r}"}
+        text = docs.get(name, "").replace("%", "%%")
+        kw = {"default": argparse.SUPPRESS, "help": f"{text} (default: {p.default!r})".strip()}
         if typ is bool:
             group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **kw)
         else:
@@ -189,7 +228,7 @@ def _pretrain_config(args: argparse.Namespace) -> tuple[dict, bool]:
     if "method" not in cfg or given["method_given"]:
         cfg["method"] = given["method"]
     for section, names in (("data", [*DATA_FLAGS, "skip_bad"]), ("trainer", TRAINER_FLAGS),
-                           ("model", method_arguments(cfg["method"]))):
+                           ("model", [n for n in method_arguments(cfg["method"]) if n not in DATA_FLAGS])):
         for n in names:
             if n in given:
                 cfg.setdefault(section, {})[n] = given[n]

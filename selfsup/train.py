@@ -45,6 +45,7 @@ TRAINER_DEFAULTS: dict = {
     "accumulate_grad_batches": 1,
     "log_every_n_steps": 10,
     "check_val_every_n_epoch": 1,
+    "fast_dev_run": 0,
 }
 DATA_DEFAULTS: dict = {
     "data": "digits",
@@ -184,6 +185,8 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
     pl.seed_everything(cfg["seed"], workers=True, verbose=False)
     dm = SelfSupDataModule(**cfg["data"])
     dm.setup("fit")
+    if "image_size" in method_arguments(cfg["method"]) and "image_size" not in (config or {}).get("model", {}):
+        cfg["model"]["image_size"] = dm.image_size  # methods that cut images (CPC's grid) follow the data
     model = METHODS[cfg["method"]](**cfg["model"])
 
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -91,3 +91,13 @@ def test_misspelt_flag_is_rejected(tmp_path):
 def test_method_help_lists_method_options(tmp_path):
     r = run_cli("pretrain", "--method", "rotation", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "--head-hidden" in r.stdout and "--max-epochs" in r.stdout
+
+
+@pytest.mark.parametrize("method", sorted(selfsup.METHODS))
+def test_every_method_fast_dev_run_through_the_cli(tmp_path, method):
+    r = run_cli("pretrain", "--method", method, *FAST, "--fast-dev-run", "2", "--name", "f", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    enc = selfsup.load_encoder(tmp_path / "runs" / "f" / "export")
+    with torch.no_grad():
+        feats = enc(torch.rand(3, 3, 16, 16))
+    assert feats.shape == (3, enc.num_features) and torch.isfinite(feats).all()

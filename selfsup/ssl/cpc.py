@@ -1,0 +1,364 @@
+"""CPC v2: predict the encodings of patches lower in an image from a causal context of the patches above.
+
+Each image is cut on the device into an overlapping grid of patches; the shared backbone encodes every
+patch of the batch in one pass; a PixelCNN-style network summarises, for every grid row, the rows at
+or above it; and a linear map per offset ``k`` predicts the target vector ``k`` rows below. InfoNCE
+scores each prediction against every patch vector in the batch (:class:`~selfsup.ssl.losses.GridInfoNCE`).
+
+- [0] Data-Efficient Image Recognition with Contrastive Predictive Coding (CPC v2), Hénaff et al. 2019,
+  https://arxiv.org/abs/1905.09272
+- [1] Representation Learning with Contrastive Predictive Coding, van den Oord et al. 2018,
+  https://arxiv.org/abs/1807.03748
+- [2] Unsupervised Visual Representation Learning by Context Prediction, Doersch et al. 2015,
+  https://arxiv.org/abs/1505.05192 (colour dropping)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup.data.transforms import to_float
+from selfsup.errors import ConfigError
+from selfsup.ssl.backbone import Backbone
+from selfsup.ssl.losses import GridInfoNCE
+from selfsup.ssl.module import SSLModule, register_method
+
+DIRECTIONS = {"down": (1, 0), "up": (-1, 0), "right": (0, 1), "left": (0, -1)}
+"""Prediction directions and their grid steps: ``down`` means context above predicts rows below."""
+
+
+def default_patch_grid(image_size: int) -> tuple[int, int]:
+    """Patch size and stride for a square image side: 32 -> (8, 4), 64..96 -> (16, 8), 224..256 -> (64, 32).
+
+    Other sizes get ``patch = size // 4`` and ``stride = patch // 2`` (a 7x7 grid when the size divides
+    by 8). The grid has ``(size - patch) // stride + 1`` patches a side (256 px: 7, 224 px: 6); pixels
+    past the last patch on the right and bottom are unused.
+    """
+    if image_size == 32:
+        return 8, 4
+    if 64 <= image_size <= 96:
+        return 16, 8
+    if 224 <= image_size <= 256:
+        return 64, 32
+    patch = max(1, image_size // 4)
+    return patch, max(1, patch // 2)
+
+
+def fit_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the shorter side to ``size`` (antialiased bilinear) and centre-crop; identity at that size.
+
+    Shape:
+        - Input: ``(B, C, H, W)`` float -> Output: ``(B, C, size, size)``
+    """
+    h, w = x.shape[-2:]
+    if h == w == size:
+        return x
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def patchify(x: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
+    """Cut images into an overlapping grid of square patches, row-major (on the images' device).
+
+    Shape:
+        - Input: ``(B, C, H, W)``
+        - Output: ``(B, Gh, Gw, C, patch, patch)`` with ``Gh = (H - patch) // stride + 1`` (``Gw`` alike)
+    """
+    grid = x.unfold(2, patch, stride).unfold(3, patch, stride)  # (B, C, Gh, Gw, p, p), a view
+    return grid.permute(0, 2, 3, 1, 4, 5)  # (B, C, Gh, Gw, p, p) -> (B, Gh, Gw, C, p, p)
+
+
+class PatchAugment(nn.Module):
+    """Per-patch colour dropping and horizontal flips, independent and batched over all patches (CPC v2).
+
+    Colour dropping (Doersch et al. 2015) keeps one random channel of a patch and replaces the other two
+    by Gaussian noise of std ``noise_std`` around 0, the dataset mean of normalised images (1/100 of a
+    channel's std, as Doersch et al.), so a patch's colour cannot be matched across patches.
+
+    Args:
+        color_drop: probability that a patch has two of its three channels dropped.
+        flip: probability that a patch is flipped horizontally.
+        noise_std: std of the noise replacing the dropped channels, in normalised units.
+
+    Shape:
+        - Input: ``(N, 3, p, p)`` normalised patches -> Output: same shape
+    """
+
+    def __init__(self, color_drop: float = 1.0, flip: float = 0.5, noise_std: float = 0.01) -> None:
+        super().__init__()
+        for name, v in (("patch_color_drop", color_drop), ("patch_flip", flip)):
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name} must be a probability in [0, 1], got {v!r}")
+        self.color_drop, self.flip, self.noise_std = color_drop, flip, noise_std
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        n, c, dev = patches.shape[0], patches.shape[1], patches.device
+        if self.color_drop > 0:
+            keep = F.one_hot(torch.randint(0, c, (n,), device=dev), c).to(patches.dtype)  # (N, C)
+            drop = torch.rand(n, device=dev) < self.color_drop  # (N,)
+            mask = torch.where(drop[:, None], keep, torch.ones_like(keep))[:, :, None, None]  # (N, C, 1, 1)
+            patches = patches * mask + (1 - mask) * self.noise_std * torch.randn_like(patches)
+        if self.flip > 0:
+            flip = torch.rand(n, device=dev) < self.flip  # (N,)
+            patches = torch.where(flip[:, None, None, None], patches.flip(-1), patches)
+        return patches
+
+
+class CausalBlock(nn.Module):
+    """Residual PixelCNN block: 1x1, (1, 3) conv along the row, top-padded (2, 1) conv, 1x1 (CPC v2 app. A.2).
+
+    The (2, 1) convolution sees rows ``i - 1`` and ``i`` only (one row of zero padding on top, none
+    below), so output row ``i`` depends on input rows ``<= i`` by construction, not by masking weights.
+
+    Shape:
+        - Input: ``(B, dim, Gh, Gw)`` -> Output: same shape (the residual branch, without the skip)
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(dim, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, (1, 3), padding=(0, 1)),
+            nn.ZeroPad2d((0, 0, 1, 0)),
+            nn.Conv2d(hidden, hidden, (2, 1)),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, dim, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def to_frame(x: torch.Tensor, direction: str) -> torch.Tensor:
+    """Flip/transpose a ``(..., G, G)`` grid so that ``direction`` points down its rows."""
+    if direction == "up":
+        return x.flip(-2)
+    if direction == "right":
+        return x.transpose(-2, -1)
+    if direction == "left":
+        return x.flip(-1).transpose(-2, -1)
+    return x
+
+
+def from_frame(x: torch.Tensor, direction: str) -> torch.Tensor:
+    """Inverse of :func:`to_frame`."""
+    if direction == "up":
+        return x.flip(-2)
+    if direction == "right":
+        return x.transpose(-2, -1)
+    if direction == "left":
+        return x.transpose(-2, -1).flip(-1)
+    return x
+
+
+class ContextNetwork(nn.Module):
+    """Causal context of a patch-vector grid for each prediction direction (CPC v2's PixelCNN).
+
+    Each direction's grid is flipped/transposed so that it points down, all directions run through
+    **one shared** stack of :class:`CausalBlock` as one batch, and the result is mapped back, so the
+    context at ``(i, j)`` for ``down`` summarises rows ``<= i`` (for ``up`` rows ``>= i``, for ``right``
+    columns ``<= j``, for ``left`` columns ``>= j``).
+
+    Args:
+        dim: channels of the patch vectors (and of the context).
+        hidden: width inside each residual block.
+        blocks: number of residual blocks (0: the context is the patch vector itself).
+        directions: names from :data:`DIRECTIONS`.
+
+    Shape:
+        - Input: ``(B, dim, G, G)`` -> Output: ``(R, B, dim, G, G)`` with ``R = len(directions)``
+    """
+
+    def __init__(
+        self, dim: int, hidden: int = 256, blocks: int = 5, directions: tuple[str, ...] = ("down",)
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(CausalBlock(dim, hidden) for _ in range(blocks))
+        self.directions = directions
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        b = grid.shape[0]
+        x = torch.cat([to_frame(grid, d) for d in self.directions])  # R x (B, D, G, G) -> (R*B, D, G, G)
+        for block in self.blocks:
+            x = x + block(x)
+        x = F.relu(x)
+        parts = x.split(b)  # (R*B, D, G, G) -> R x (B, D, G, G)
+        return torch.stack(
+            [from_frame(p, d) for p, d in zip(parts, self.directions, strict=True)]
+        )  # (R, B, D, G, G)
+
+
+class PatchEncoder(nn.Module):
+    """Evaluation encoder: fit to the training size, normalise, patchify, encode patches, mean-pool.
+
+    No augmentation; images of another size are resized (shorter side) and centre-cropped to
+    ``image_size`` first, so the grid is always the training grid.
+
+    Shape:
+        - Input: ``(B, 3, H, W)`` float in [0, 1] or uint8
+        - Output: ``(B, num_features)``
+    """
+
+    def __init__(
+        self, backbone: Backbone, normalize: nn.Module, image_size: int, patch: int, stride: int
+    ) -> None:
+        super().__init__()
+        self.backbone, self.normalize = backbone, normalize
+        self.image_size, self.patch, self.stride = image_size, patch, stride
+        self.num_features = backbone.num_features
+
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch vectors ``(B, Gh, Gw, D)`` of normalised ``(B, 3, image_size, image_size)`` images."""
+        grid = patchify(x, self.patch, self.stride)  # (B, Gh, Gw, 3, p, p)
+        b, gh, gw = grid.shape[:3]
+        z = self.backbone(grid.reshape(b * gh * gw, *grid.shape[3:]))  # (B*P, 3, p, p) -> (B*P, D)
+        return z.view(b, gh, gw, -1)  # (B*P, D) -> (B, Gh, Gw, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(fit_images(to_float(x), self.image_size))
+        return self.patch_features(x).mean(dim=(1, 2))  # (B, Gh, Gw, D) -> (B, D)
+
+
+@register_method("cpc")
+class CPC(SSLModule):
+    """CPC v2 (Hénaff et al. 2019): contrastive prediction of patch encodings down an image.
+
+    Defaults follow the paper's pseudo-code (appendix A.2) where it is explicit: layer norm in the
+    encoder, 5 residual PixelCNN blocks of width 256, targets projected to 64 dims, predictions scaled by
+    0.1. For 32 px images the grid is Bolts' CIFAR grid (8 px patches at stride 4, 7x7); the optimiser
+    is Adam(W) at 2e-4 without weight decay, as Adam is what the paper's and Bolts' training use.
+    Offsets whose target patches overlap the context row are skipped by default (the paper's code
+    skips them too), so a 32 px image predicts offsets 2..5 on its 7x7 grid.
+
+    Args:
+        backbone, norm, optimizer, lr, weight_decay, momentum, warmup_epochs, crop_scale, flip:
+            see :class:`~selfsup.ssl.module.SSLModule`; ``crop_scale``/``flip`` are image-level.
+        image_size: side of the square images the grid is cut from; training batches and evaluation
+            images of another size are resized and centre-cropped to it first.
+        patch_size, patch_stride: patch side and stride in pixels; ``None`` picks
+            :func:`default_patch_grid` (32 px: 8 / 4, a 7x7 grid).
+        max_offset: predict offsets ``1..max_offset`` rows ahead (``K`` linear maps).
+        skip_overlap: skip offsets ``k`` whose target patches overlap the context row
+            (``k * patch_stride < patch_size``).
+        directions: comma-separated prediction directions, from ``down`` (top to bottom), ``up``,
+            ``left``, ``right``; they share the encoder, the context network and the predictors.
+        context_hidden: width inside the context network's residual blocks.
+        context_blocks: number of residual blocks in the context network.
+        target_dim: targets are a linear projection of the patch vectors to this many dims (as in the
+            paper's code); ``None`` uses the patch vectors themselves.
+        emb_scale: scale of the predictions (the paper's ``emb_scale``).
+        patch_color_drop: probability that a patch gets two colour channels dropped (training only).
+        patch_flip: probability that a patch is flipped horizontally (training only).
+        chunk_size: prediction rows per logits chunk (memory bound); ``None`` for one matmul.
+        gather_negatives: under DDP, all ranks' target vectors are candidates.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "cifar_resnet18",
+        norm: str | None = "layer",
+        optimizer: str = "adamw",
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        warmup_epochs: float = 1.0,
+        crop_scale: float = 0.5,
+        flip: bool = True,
+        image_size: int = 32,
+        patch_size: int | None = None,
+        patch_stride: int | None = None,
+        max_offset: int = 5,
+        skip_overlap: bool = True,
+        directions: str = "down",
+        context_hidden: int = 256,
+        context_blocks: int = 5,
+        target_dim: int | None = 64,
+        emb_scale: float = 0.1,
+        patch_color_drop: float = 1.0,
+        patch_flip: float = 0.5,
+        chunk_size: int | None = 4096,
+        gather_negatives: bool = False,
+    ) -> None:
+        super().__init__(
+            backbone, norm, optimizer, lr, weight_decay, momentum, warmup_epochs, crop_scale, flip
+        )
+        if image_size < 1:
+            raise ConfigError(f"image_size must be positive, got {image_size!r}")
+        default_patch, default_stride = default_patch_grid(image_size)
+        self.patch = default_patch if patch_size is None else patch_size
+        self.stride = default_stride if patch_stride is None else patch_stride
+        if not 1 <= self.patch <= image_size or self.stride < 1:
+            raise ConfigError(
+                f"need 1 <= patch_size <= image_size and patch_stride >= 1, got "
+                f"patch_size={self.patch!r}, patch_stride={self.stride!r}, image_size={image_size!r}"
+            )
+        self.grid = (image_size - self.patch) // self.stride + 1
+        dirs = tuple(d.strip() for d in directions.split(","))
+        if not dirs or any(d not in DIRECTIONS for d in dirs) or len(set(dirs)) != len(dirs):
+            raise ConfigError(
+                f"directions must be distinct names from {sorted(DIRECTIONS)}, got {directions!r}"
+            )
+        offsets = [k for k in range(1, max_offset + 1) if not (skip_overlap and k * self.stride < self.patch)]
+        if not offsets or max_offset >= self.grid:
+            raise ConfigError(
+                f"max_offset={max_offset!r} leaves no offset to predict on a {self.grid}x{self.grid} grid "
+                f"(patch {self.patch}, stride {self.stride}, skip_overlap={skip_overlap}): need "
+                f"max_offset < {self.grid}" + (" and max_offset * stride >= patch" if skip_overlap else "")
+            )
+        for name, v in (
+            ("context_hidden", context_hidden),
+            ("target_dim", target_dim),
+            ("chunk_size", chunk_size),
+        ):
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} must be positive, got {v!r}")
+        if context_blocks < 0 or emb_scale <= 0:
+            raise ConfigError(
+                f"need context_blocks >= 0 and emb_scale > 0, got {context_blocks!r}, {emb_scale!r}"
+            )
+        self.offsets = tuple(offsets)
+        d = self.num_features
+        t = d if target_dim is None else target_dim
+        self.patch_augment = PatchAugment(patch_color_drop, patch_flip)
+        self.context = ContextNetwork(d, context_hidden, context_blocks, dirs)
+        self.target_proj = nn.Identity() if target_dim is None else nn.Linear(d, t)
+        # One (D, T) map per offset, applied to all offsets as one einsum.
+        self.predictors = nn.Parameter(torch.randn(len(offsets), d, t) / d**0.5)  # (K, D, T)
+        self.criterion = GridInfoNCE(
+            self.offsets, [DIRECTIONS[x] for x in dirs], chunk_size, gather_negatives
+        )
+
+    def encoder(self) -> PatchEncoder:
+        """Patchify at the training size, encode every patch, mean-pool the grid -> ``(B, D)``."""
+        return PatchEncoder(self.backbone, self.normalize, self.hparams.image_size, self.patch, self.stride)
+
+    def predict(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions and targets from the patch-vector grid.
+
+        Shape:
+            - Input: ``(B, G, G, D)``
+            - Output: predictions ``(R, K, B, G, G, T)`` and targets ``(B, G, G, T)``
+        """
+        ctx = self.context(z.permute(0, 3, 1, 2))  # (B, G, G, D) -> (B, D, G, G) -> (R, B, D, G, G)
+        preds = (
+            torch.einsum("rbdij,kdt->rkbijt", ctx, self.predictors) * self.hparams.emb_scale
+        )  # (R, K, B, G, G, T)
+        return preds, self.target_proj(z)  # targets (B, G, G, T)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = fit_images(self.augment(batch[0]), self.hparams.image_size)  # (B, 3, S, S) in [0, 1]
+        grid = patchify(self.normalize(x), self.patch, self.stride)  # (B, G, G, 3, p, p)
+        b, g = grid.shape[:2]
+        patches = grid.reshape(b * g * g, *grid.shape[3:])  # (B, G, G, 3, p, p) -> (B*P, 3, p, p)
+        if self.training:
+            patches = self.patch_augment(patches)
+        z = self.backbone(patches).view(b, g, g, -1)  # (B*P, D) -> (B, G, G, D)
+        preds, targets = self.predict(z)
+        loss, acc = self.criterion(preds, targets)
+        return {"loss": loss, "cpc_acc": acc, "features": z.detach().mean(dim=(1, 2))}  # (B, D)
