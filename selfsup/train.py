@@ -112,6 +112,20 @@ class RunResult:
     probe: OnlineLinearProbe | None
 
 
+RUN_DIR_ENV = "SELFSUP_RUN_DIR"
+
+
+def is_launcher_rank_zero() -> bool:
+    """Whether this process is global rank 0 of a (possibly not yet started) distributed run.
+
+    Reads the variables torchrun, SLURM and Lightning's own launcher set; a plain process is rank 0.
+    """
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var) is not None:
+            return int(os.environ[var]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
 def resolve_run_dir(cfg: dict, resume: bool) -> Path:
     """``output/name``; a default name gets a numeric suffix instead of overwriting an earlier run."""
     output = Path(cfg["output"])
@@ -173,13 +187,21 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
     ``metrics.json`` and ``export/`` (``encoder.safetensors`` + ``config.json``) under the run dir.
     """
     cfg = merge_config(default_config((config or {}).get("method", "rotation")), config or {})
+    launcher_zero = is_launcher_rank_zero()
+    if launcher_zero:
+        run_dir = resolve_run_dir(cfg, resume=resume)
+        # Lightning's DDP launcher re-runs this command for the other ranks: they must use this directory.
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+    elif os.environ.get(RUN_DIR_ENV):
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+    elif cfg["name"]:
+        run_dir = Path(cfg["output"]) / cfg["name"]
+    else:
+        raise ConfigError("a run started by torchrun or SLURM needs --name, so that every rank uses one directory")
     if resume:
-        run_dir = resolve_run_dir(cfg, resume=True)
         saved = load_config(run_dir / "config.yaml")
         # The run's own config wins, except for how long to train and where it runs.
         cfg = merge_config(saved, {"trainer": {**saved["trainer"], **_changed(cfg["trainer"], TRAINER_DEFAULTS)}})
-    else:
-        run_dir = resolve_run_dir(cfg, resume=False)
     cfg["name"] = run_dir.name
 
     pl.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -190,9 +212,10 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
     model = METHODS[cfg["method"]](**cfg["model"])
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    _set_aside_metrics(run_dir)
+    if launcher_zero:
+        if not resume:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        _set_aside_metrics(run_dir)
 
     probe = OnlineLinearProbe(dm.num_classes) if cfg["online_probe"] and dm.num_classes >= 2 else None
     cbs = [
