@@ -16,6 +16,7 @@ from selfsup.errors import SelfsupError
 TRAINER_FLAGS = {
     "max_epochs": (int, "epochs to train"),
     "max_steps": (int, "optimiser steps to train (-1: no limit; overrides --max-epochs when reached first)"),
+    "max_time": (str, "stop after this wall time, DD:HH:MM:SS (a checkpoint is written; --resume continues)"),
     "devices": (str, "devices per node: 'auto', a count, or a list like '0,1'"),
     "num_nodes": (int, "number of nodes (multi-node DDP under torchrun or SLURM)"),
     "strategy": (str, "Lightning strategy: auto, ddp, ddp_spawn, fsdp, ..."),

@@ -37,6 +37,7 @@ from selfsup.ssl.module import METHODS, SSLModule
 TRAINER_DEFAULTS: dict = {
     "max_epochs": 100,
     "max_steps": -1,
+    "max_time": None,
     "accelerator": "auto",
     "devices": "auto",
     "num_nodes": 1,

@@ -101,3 +101,12 @@ def test_every_method_fast_dev_run_through_the_cli(tmp_path, method):
     with torch.no_grad():
         feats = enc(torch.rand(3, 3, 16, 16))
     assert feats.shape == (3, enc.num_features) and torch.isfinite(feats).all()
+
+
+def test_cpc_follows_the_data_image_size(tmp_path):
+    # no --image-size: the digits' default size reaches CPC's grid without clashing with the data's hparams
+    r = run_cli("pretrain", "--method", "cpc", "--backbone", "convnet_small", "--fast-dev-run", "1", "--name", "c",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = yaml.safe_load((tmp_path / "runs" / "c" / "config.yaml").read_text())
+    assert cfg["model"]["image_size"] == 32 and cfg["data"]["image_size"] is None

@@ -53,7 +53,6 @@ class SelfSupDataModule(pl.LightningDataModule):
             raise ConfigError(f"batch_size must be positive, got {batch_size!r}")
         if num_workers is not None and num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {num_workers!r}")
-        self.save_hyperparameters()
         self.data = data
         self.batch_size = batch_size
         self.num_workers = num_workers
