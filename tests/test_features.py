@@ -32,6 +32,13 @@ def test_features_match_the_encoder_in_order_and_in_eval_mode(tmp_path, digits16
     assert feats.x.shape == (360, 128)
     np.testing.assert_allclose(feats.x, expected.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(feats.y, digits16.labels)
+    # the streamed cache is a valid safetensors file for the official reader too
+    from safetensors.numpy import load_file
+
+    official = load_file(str(feats.path))
+    np.testing.assert_array_equal(official["features"], feats.x)
+    np.testing.assert_array_equal(official["labels"], feats.y)
+    assert not list(tmp_path.glob("*.tmp*"))
 
 
 def test_cache_hit_miss_and_invalidation(tmp_path, digits16):

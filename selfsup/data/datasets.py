@@ -625,9 +625,10 @@ def _load_torchvision(kind: str, root: Path, split: str, image_size: int | None)
             ds = tvd.SVHN(str(root), split={"val": "test"}.get(split, split), download=False)
             images, labels, classes = ds.data.transpose(0, 2, 3, 1), ds.labels, [str(i) for i in range(10)]
     except (RuntimeError, OSError) as err:
+        reason = str(err).split(". You can use download=True")[0]  # selfsup never downloads
         raise DataError(
-            f"{kind} not found under {root} ({err}): selfsup never downloads; put the dataset there in "
-            f"torchvision's layout ({root}/{layouts[kind]})"
+            f"{kind} not found under {root} ({reason}): put the dataset there in torchvision's layout "
+            f"({root}/{layouts[kind]}); selfsup never downloads"
         ) from None
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if image_size is not None and image_size != images.shape[1]:

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from safetensors.numpy import save_file
 from torch import nn
 
 from selfsup.data.datasets import batch_collate, load_dataset
@@ -117,6 +116,7 @@ class _Extractor(pl.LightningModule):
         self.encoder = encoder
         self.out_dtype = dtype
         self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.sink: _CacheWriter | None = None  # single process: rows go straight to the cache file
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         idx, images, labels = batch
@@ -125,7 +125,11 @@ class _Extractor(pl.LightningModule):
             raise ConfigError(f"the encoder must return (B, D) features, got shape {tuple(feats.shape)}")
         if not torch.isfinite(feats).all():
             raise ConfigError("the encoder produced NaN or infinite features")
-        self.chunks.append((idx.cpu(), feats.to(self.out_dtype).cpu(), labels.cpu()))
+        chunk = (idx.cpu(), feats.to(self.out_dtype).cpu(), labels.cpu())
+        if self.sink is not None:
+            self.sink.write(*chunk)
+        else:
+            self.chunks.append(chunk)
         return None
 
 
@@ -201,27 +205,40 @@ def extract_features(
             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
             inference_mode=True,
         )
+        world = trainer.world_size
+        if world == 1:
+            module.sink = _CacheWriter(path, len(dataset), encoder_dim(encoder), dtype, meta)
         trainer.predict(module, dataloaders=loader, return_predictions=False)
 
+    rank = trainer.global_rank
+    if world == 1:
+        module.sink.close()
+        return _load(path)
+    # Several ranks: each saves its rows with their indices; rank 0 streams them into the cache.
     shard_dir = cache_dir / f"{key}.shards"
-    rank, world = trainer.global_rank, trainer.world_size
-    if world > 1:
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(module.chunks, shard_dir / f"rank{rank}.pt")
-        trainer.strategy.barrier("features-shards")
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(module.chunks, shard_dir / f"rank{rank}.pt")
+    module.chunks = []
+    trainer.strategy.barrier("features-shards")
     if rank == 0:
-        if world > 1:
-            chunks = [c for r in range(world) for c in torch.load(shard_dir / f"rank{r}.pt")]
-        else:
-            chunks = module.chunks
-        _assemble(chunks, len(dataset), path, meta, dtype)
-        if world > 1:
-            for r in range(world):
-                (shard_dir / f"rank{r}.pt").unlink()
-            shard_dir.rmdir()
-    if world > 1:
-        trainer.strategy.barrier("features-written")
+        shards = [shard_dir / f"rank{r}.pt" for r in range(world)]
+        writer = _CacheWriter(path, len(dataset), int(torch.load(shards[0])[0][1].shape[1]), dtype, meta)
+        for shard in shards:
+            for chunk in torch.load(shard):
+                writer.write(*chunk)
+            shard.unlink()
+        writer.close()
+        shard_dir.rmdir()
+    trainer.strategy.barrier("features-written")
     return _load(path)
+
+
+def encoder_dim(encoder: nn.Module) -> int:
+    """Feature size of an encoder: its ``num_features``."""
+    dim = getattr(encoder, "num_features", None)
+    if not isinstance(dim, int):
+        raise ConfigError(f"{type(encoder).__name__} has no integer num_features attribute")
+    return dim
 
 
 def _workers(dataset, num_workers: int | None) -> int:
@@ -230,23 +247,51 @@ def _workers(dataset, num_workers: int | None) -> int:
     return 0 if hasattr(dataset, "__getitems__") else min(8, os.cpu_count() or 1)
 
 
-def _assemble(chunks, n: int, path: Path, meta: dict, dtype: str) -> None:
-    """Put every rank's rows at their dataset index and write the cache atomically."""
-    idx = torch.cat([c[0] for c in chunks])
-    feats = torch.cat([c[1] for c in chunks])
-    labels = torch.cat([c[2] for c in chunks]).long()
-    order = torch.full((n,), -1, dtype=torch.long)
-    order[idx] = torch.arange(len(idx))  # duplicates (a padded sampler) point at one of their copies
-    if (order < 0).any():
-        raise RuntimeError(f"feature extraction missed {(order < 0).sum()} of {n} images")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(
-        {"features": feats[order].numpy(), "labels": labels[order].numpy()},
-        str(tmp),
-        metadata={**meta, "num_features": str(feats.shape[1])},
-    )
-    os.replace(tmp, path)
+class _CacheWriter:
+    """Streams rows into a preallocated, memory-mapped safetensors file at their dataset index.
+
+    The file is a valid safetensors file (header, then ``features`` (N, D) and ``labels`` (N,)); it is
+    written under a temporary name and renamed when every row has arrived, so a crash never leaves a
+    half-written cache behind, and memory use does not grow with the dataset.
+    """
+
+    def __init__(self, path: Path, n: int, dim: int, dtype: str, meta: dict) -> None:
+        np_dtype = np.dtype(np.float16 if dtype == "float16" else np.float32)
+        feat_bytes = n * dim * np_dtype.itemsize
+        header = {
+            "__metadata__": {**meta, "num_features": str(dim)},
+            "features": {"dtype": "F16" if dtype == "float16" else "F32", "shape": [n, dim],
+                         "data_offsets": [0, feat_bytes]},
+            "labels": {"dtype": "I64", "shape": [n], "data_offsets": [feat_bytes, feat_bytes + 8 * n]},
+        }
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self.path, self.n = path, n
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        with self.tmp.open("wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + feat_bytes + 8 * n)
+        start = 8 + len(raw)
+        self.features = np.memmap(self.tmp, dtype=np_dtype, mode="r+", offset=start, shape=(n, dim))
+        self.labels = np.memmap(self.tmp, dtype=np.int64, mode="r+", offset=start + feat_bytes, shape=(n,))
+        self.seen = np.zeros(n, dtype=bool)
+
+    def write(self, idx: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        rows = idx.numpy()
+        self.features[rows] = feats.numpy()
+        self.labels[rows] = labels.long().numpy()
+        self.seen[rows] = True  # a padded sampler may send a row twice: same values, written twice
+
+    def close(self) -> None:
+        missing = int((~self.seen).sum())
+        self.features.flush()
+        self.labels.flush()
+        del self.features, self.labels
+        if missing:
+            self.tmp.unlink()
+            raise RuntimeError(f"feature extraction missed {missing} of {self.n} images")
+        os.replace(self.tmp, self.path)
 
 
 def _load(path: Path) -> Features:
