@@ -48,7 +48,7 @@ def _searcher(
     train: torch.Tensor, backend: str, batch_size: int
 ) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
     """A function ``(query, k) -> (sims, idx)``: the similarities and indices (b, k) of the k normalised
-    ``train`` rows most similar to each normalised query row (b, D), best first.
+    ``train`` rows (normalised here) most similar to each normalised query row (b, D), best first.
 
     The faiss index is built once here, not per query batch.
     """
@@ -56,13 +56,15 @@ def _searcher(
         import faiss
 
         index = faiss.IndexFlatIP(train.shape[1])
-        index.add(np.ascontiguousarray(train.cpu().numpy(), dtype=np.float32))
+        for chunk in train.split(batch_size):  # normalised chunk by chunk: the index holds the only copy
+            index.add(np.ascontiguousarray(F.normalize(chunk.cpu().float(), dim=1).numpy(), dtype=np.float32))
 
         def search_faiss(query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
             sims, idx = index.search(np.ascontiguousarray(query.cpu().numpy(), dtype=np.float32), k)
             return torch.from_numpy(sims), torch.from_numpy(idx)
 
         return search_faiss
+    train = F.normalize(train, dim=1)
     rows = max(1, min(batch_size, _SIM_BUDGET // train.shape[0]))
 
     def search_torch(query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +165,7 @@ def _scores(
         backend = "torch" if dev.type == "cuda" else "faiss"
     if backend == "faiss":
         dev = torch.device("cpu")
-    search = _searcher(F.normalize(train_x.to(dev), dim=1), backend, batch_size)
+    search = _searcher(train_x if backend == "faiss" else train_x.to(dev), backend, batch_size)
     labels = train_y.to(dev)
     out = []
     for chunk in test_x.split(batch_size):

@@ -107,7 +107,8 @@ def as_features(x: ArrayLike, name: str) -> torch.Tensor:
     ):
         raise ConfigError(f"{name} must be numeric, got dtype {x.dtype}")
     x = x.float()
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    rows = max(1, 2**24 // max(1, x.shape[1]))
+    if x.numel() and not all(bool(torch.isfinite(c).all()) for c in x.split(rows)):
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
         raise ConfigError(f"{name} has NaN or inf values in {bad} of {x.shape[0]} rows")
     return x
@@ -241,12 +242,13 @@ def _standardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
 def _mean_std(x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and std (population), accumulated in float64 over row chunks."""
     n = x.shape[0]
+    rows = max(1, 2**22 // max(1, x.shape[1]))  # float64 chunks of 32 MB, whatever the feature size
     s = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
-    for chunk in x.split(_EVAL_CHUNK):
+    for chunk in x.split(rows):
         s += chunk.to(device, torch.float64).sum(0)
     mean = s / n
     ss = torch.zeros_like(s)
-    for chunk in x.split(_EVAL_CHUNK):
+    for chunk in x.split(rows):
         ss += (chunk.to(device, torch.float64) - mean).square().sum(0)
     std = (ss / n).sqrt()
     std = torch.where(std > 1e-12, std, torch.ones_like(std))
@@ -548,8 +550,20 @@ def linear_probe(
     c = split.num_classes
     full_batch = batch_size is None and n * d * 4 <= full_batch_bytes
     stats = _mean_std(split.train_x, dev)
+    parts = (
+        stratified_holdout(split.train_y, val_fraction, seed)
+        if (len(grid) > 1 and val_fraction > 0)
+        else None
+    )
     if full_batch:
-        xs, ys = _standardise(split.train_x.to(dev), *stats), split.train_y.to(dev)
+        # One standardised copy, its rows ordered hold-out-fit part first, so that the fit part, the
+        # held-out part and the whole set are all views of it (the objective ignores row order).
+        order = None if parts is None else torch.cat(parts)
+        xs = split.train_x.to(dev) if order is None else split.train_x[order.to(split.train_x.device)].to(dev)
+        if xs.data_ptr() == split.train_x.data_ptr():
+            xs = xs.clone()
+        xs.sub_(stats[0]).div_(stats[1])
+        ys = (split.train_y if order is None else split.train_y[order.to(split.train_y.device)]).to(dev)
     else:
         xs, ys = split.train_x, split.train_y
 
@@ -569,11 +583,6 @@ def linear_probe(
             _fit_minibatch(xs, ys, rows, w, b, wd, batch_size or 4096, epochs, lr, seed, stats)
         return w.detach(), b.detach()
 
-    parts = (
-        stratified_holdout(split.train_y, val_fraction, seed)
-        if (len(grid) > 1 and val_fraction > 0)
-        else None
-    )
     curve: list[dict[str, float]] = []
     init = None
     if parts is None:
@@ -581,9 +590,11 @@ def linear_probe(
         val_top1 = None
     else:
         fit_idx, val_idx = parts
-        fit_data = (xs[fit_idx.to(xs.device)], ys[fit_idx.to(ys.device)]) if full_batch else None
-        val_x = xs[val_idx.to(xs.device)]
-        val_y = ys[val_idx.to(ys.device)].to(dev)
+        if full_batch:  # views of the reordered copy
+            n_fit = len(fit_idx)
+            fit_data, val_x, val_y = (xs[:n_fit], ys[:n_fit]), xs[n_fit:], ys[n_fit:]
+        else:
+            val_x, val_y = xs[val_idx.to(xs.device)], ys[val_idx.to(ys.device)].to(dev)
         best, since_best = None, 0
         for wd in grid:
             # Only the held-out argmax matters here, so the path is solved 10x looser than the refit.
