@@ -140,7 +140,7 @@ def build_demo_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="pretrain rotation on the embedded digits and compare with a random-init encoder",
         description="Pretrains rotation prediction on scikit-learn's bundled digits (no files, no network, "
-        "about two minutes on 2 CPU cores), prints online-probe, linear-probe and kNN accuracy of the "
+        "about 30 seconds on 2 idle CPU cores), prints online-probe, linear-probe and kNN accuracy of the "
         "pretrained encoder, a random-init encoder of the same architecture and raw pixels, then runs a "
         "label-efficiency sweep and plots it (runs/<name>/eval/sweep.png).",
     )

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 
 import pytorch_lightning as pl
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from selfsup.data.datamodule import SelfSupDataModule
 from selfsup.eval import harness
 from selfsup.eval.online import FrozenEncoder, OnlineLinearProbe
+from selfsup.eval.report import make_console
 from selfsup.quiet import quiet_lightning
 from selfsup.train import pretrain
 
@@ -44,7 +44,7 @@ def run_demo(
     ks: tuple = (1, 2, 5, 10, 20, 50, None),
 ) -> dict:
     """Pretrain rotation on digits; print the comparison table and the sweep; return the numbers."""
-    console = Console()
+    console = make_console()
     console.print(f"[bold]selfsup demo[/]: rotation pretraining of {backbone} on the embedded digits ({epochs} epochs)")
     config = {
         "method": "rotation",

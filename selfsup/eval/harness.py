@@ -28,12 +28,15 @@ RANDOM_INIT_SEED = 0
 class PixelEncoder(nn.Module):
     """Raw pixels as features: the image area-resized to at most ``size`` px and flattened.
 
+    16 px keeps the baseline cheap at any image size (768 features; 32 px would be 3,072, and its
+    probe alone would need over 2 GB on CIFAR-10) while still being the images themselves.
+
     Shape:
         - Input: ``(B, 3, H, W)`` float in [0, 1] or uint8
         - Output: ``(B, 3 * s * s)`` with ``s = min(size, H)``
     """
 
-    def __init__(self, image_size: int, size: int = 32) -> None:
+    def __init__(self, image_size: int, size: int = 16) -> None:
         super().__init__()
         self.size = min(size, image_size)
         self.num_features = 3 * self.size * self.size
@@ -171,12 +174,10 @@ def evaluate(ev: EvalData, kind: str, k: int = 20, temperature: float | None = N
 
 def report(ev: EvalData, kind: str, rows: dict[str, dict], results_dir: Path, extra: dict | None = None) -> Path:
     """Print a rich table of ``rows`` and write them as JSON under ``results_dir``."""
-    from rich.console import Console
-
-    from selfsup.eval.report import write_json
+    from selfsup.eval.report import make_console, write_json
 
     title = f"{kind} on {ev.spec}: {len(ev.train)} train / {len(ev.test)} test images"
-    Console().print(_table(title, rows, {"top1": "top-1 %", "top5": "top-5 %", "features": "dim"}))
+    make_console().print(_table(title, rows, {"top1": "top-1 %", "top5": "top-5 %", "features": "dim"}))
     return write_json({"kind": kind, "data": ev.spec, **(extra or {}), "results": rows}, results_dir / f"{kind}.json")
 
 
@@ -200,11 +201,9 @@ def sweep(
     ``finetune`` adds end-to-end fine-tuning of the encoder on each subset (method ``finetune``);
     ``supervised`` adds the same backbone trained from scratch on each subset, as its own line.
     """
-    from rich.console import Console
-
     from selfsup.eval.finetune import train_classifier
     from selfsup.eval.label_efficiency import label_efficiency_sweep
-    from selfsup.eval.report import plot_sweep, print_sweep_table, write_json
+    from selfsup.eval.report import make_console, plot_sweep, print_sweep_table, write_json
 
     encoders = {name: arrays(pair) for name, pair in ev.features.items()}
     common = dict(ks=ks, percents=percents, seeds=seeds, dataset_key=ev.spec, progress=progress)
@@ -229,6 +228,6 @@ def sweep(
         result["results"].setdefault(name, {}).update(res["results"][name])
         if "finetune" not in result["methods"]:
             result["methods"].append("finetune")
-    print_sweep_table(result, Console())
+    print_sweep_table(result, make_console())
     out = src.results_dir
     return write_json(result, out / "sweep.json"), plot_sweep(result, out / "sweep.png")

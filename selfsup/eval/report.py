@@ -12,6 +12,7 @@ greys so the learned encoders stand out against the floor; a "supervised..." lin
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,12 @@ BASELINE_PREFIXES = ("random", "pixels")
 _METRICS = ("top1", "top5")
 _METHOD_STYLE = {"linear": ("-", "o"), "knn": ("-.", "s"), "finetune": (":", "^")}
 _BASELINE_GREYS = ("0.25", "0.5", "0.65", "0.4", "0.75")
+
+
+def make_console() -> Console:
+    """A rich console; when output is not a terminal (a log, a pipe) it is 160 columns, not rich's 80,
+    so that sweep tables are not cut to ellipses."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def is_baseline(name: str) -> bool:
@@ -85,7 +92,7 @@ def print_sweep_table(
                 cell = f"{mean:.1f} ± {std:.1f}"
                 cells.append(f"[bold]{cell}[/bold]" if mean >= best[(method, b["name"])] else cell)
             table.add_row(name if not is_baseline(name) else f"[dim]{name}[/dim]", method, *cells)
-    (console or Console()).print(table)
+    (console or make_console()).print(table)
     return table
 
 
