@@ -206,6 +206,10 @@ def _run_eval(args: argparse.Namespace) -> None:
                       "strategy": args.strategy}
     ev = harness.prepare(src, args.data, args.image_size, baselines=args.baselines, dtype=args.dtype,
                          batch_size=args.batch_size, trainer_kwargs=trainer_kwargs)
+    from selfsup.train import is_launcher_rank_zero
+
+    if not is_launcher_rank_zero():  # extraction was distributed; probes run once, on rank 0
+        return
     if args.command == "features":
         for name, (train, test) in ev.features.items():
             print(f"{name}: train {tuple(train.x.shape)} -> {train.path}; test {tuple(test.x.shape)} -> {test.path}")

@@ -68,3 +68,15 @@ def test_random_init_source(tmp_path):
 def test_eval_errors_are_one_line(tmp_path, args, message):
     r = run_cli(*args, cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_distributed_extraction_through_the_cli(tmp_path):
+    r = run_cli("knn", "--random-init", "convnet_small", "--data", "digits", "--image-size", "16", "--devices", "2",
+                "--strategy", "ddp", "--accelerator", "cpu", "--output", str(tmp_path / "ddp"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("results:") == 1  # the probes ran once, on rank 0
+    res = json.loads((tmp_path / "ddp" / "knn.json").read_text())
+    single = run_cli("knn", "--random-init", "convnet_small", "--data", "digits", "--image-size", "16",
+                     "--output", str(tmp_path / "one"), cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert json.loads((tmp_path / "one" / "knn.json").read_text())["results"] == res["results"]
