@@ -24,3 +24,31 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     return subprocess.run(
         [sys.executable, "-m", "selfsup", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def fixed_batch(n: int = 16, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic batch as the datamodule yields it: uint8 images (n, 3, size, size), labels."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    return images, torch.zeros(n, dtype=torch.long)
+
+
+def loss_before_and_after_one_step(model, batch) -> tuple[float, float]:
+    """The method's loss on ``batch``, then again after one optimiser step on that same batch.
+
+    The model's random augmentations must be off, so that both losses see the same inputs.
+    """
+    opt = model.build_optimizer(model.parameters())
+    model.train()
+    before = model.loss(batch)["loss"]
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    return float(before), float(model.loss(batch)["loss"])
+
+
+def perturb_(model, scale: float = 0.01) -> None:
+    """Move every weight away from its seeded initialisation, so a reload cannot match by accident."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)

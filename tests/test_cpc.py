@@ -7,6 +7,7 @@ import selfsup
 from selfsup.errors import ConfigError
 from selfsup.ssl.cpc import CPC, DIRECTIONS, PatchAugment, default_patch_grid, patchify
 from selfsup.ssl.losses import GridInfoNCE
+from tests.conftest import fixed_batch, loss_before_and_after_one_step, perturb_
 
 
 def _naive_grid_info_nce(preds, targets, offsets, directions):
@@ -91,10 +92,7 @@ def test_pixels_below_a_row_do_not_reach_its_context():
 
 
 def _fixed_batch(n=8, size=32):
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8), torch.zeros(
-        n, dtype=torch.long
-    )
+    return fixed_batch(n, size)
 
 
 def test_loss_at_init_is_log_of_candidates():
@@ -112,23 +110,14 @@ def test_one_step_lowers_loss_on_fixed_batch():
     model = _model(
         lr=1e-3, crop_scale=1.0, flip=False, patch_color_drop=0.0, patch_flip=0.0, context_blocks=2, context_hidden=32
     )
-    opt = model.build_optimizer(model.parameters())
-    batch = _fixed_batch()
-    model.train()
-    before = model.loss(batch)["loss"]
-    opt.zero_grad()
-    before.backward()
-    opt.step()
-    after = model.loss(batch)["loss"]
+    before, after = loss_before_and_after_one_step(model, _fixed_batch())
     assert after < before
 
 
 def test_export_load_encoder_bit_identical(tmp_path):
     torch.manual_seed(0)
     model = _model(image_size=16, context_blocks=1)
-    with torch.no_grad():  # move the weights away from any seeded init
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
+    perturb_(model)
     model.eval()
     x = torch.rand(3, 3, 16, 16)
     expected = model.encode(x)

@@ -9,6 +9,7 @@ import selfsup
 from selfsup.errors import ConfigError
 from selfsup.pretext.rotation import Rotation
 from selfsup.ssl.module import warmup_cosine
+from tests.conftest import perturb_
 
 
 def test_registry_holds_rotation():
@@ -33,9 +34,7 @@ def test_hparams_rebuild_the_model():
 def test_export_load_encoder_bit_identical(tmp_path):
     torch.manual_seed(0)
     m = Rotation(backbone="convnet_small", norm="group")
-    with torch.no_grad():  # move the weights away from any seeded init
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
+    perturb_(m)
     m.eval()
     x = torch.rand(4, 3, 24, 24)
     expected = m.encode(x)

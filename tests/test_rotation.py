@@ -1,6 +1,7 @@
 import torch
 
 from selfsup.pretext.rotation import Rotation, rotate_batch
+from tests.conftest import fixed_batch, loss_before_and_after_one_step
 
 
 def test_rotation_labels_and_inverse():
@@ -23,29 +24,16 @@ def test_rotation_label_one_is_a_quarter_turn():
     assert labels[1] == 1 and rotated[1, 0, 0, 0] == 1
 
 
-def _fixed_batch():
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (16, 3, 16, 16), generator=g, dtype=torch.uint8), torch.zeros(16, dtype=torch.long)
-
-
 def test_one_step_lowers_loss_on_fixed_batch():
     torch.manual_seed(0)
     model = Rotation(backbone="convnet_small", optimizer="adamw", lr=1e-3, crop_scale=1.0, flip=False)
-    opt = model.build_optimizer(model.parameters())
-    batch = _fixed_batch()
-    model.train()
-    before = model.loss(batch)["loss"]
-    opt.zero_grad()
-    before.backward()
-    opt.step()
-    # augmentation is off, so the same batch gives the same inputs: the loss itself must drop
-    after = model.loss(batch)["loss"]
+    before, after = loss_before_and_after_one_step(model, fixed_batch())
     assert after < before
 
 
 def test_loss_returns_features_for_online_probe():
     model = Rotation(backbone="convnet_small")
-    out = model.loss(_fixed_batch())
+    out = model.loss(fixed_batch())
     assert out["features"].shape == (16, model.num_features)
     assert not out["features"].requires_grad
     assert out["loss"].ndim == 0
