@@ -32,7 +32,8 @@ from pytorch_lightning.loggers import CSVLogger
 from selfsup.data.datamodule import SelfSupDataModule
 from selfsup.errors import ConfigError
 from selfsup.eval.online import OnlineLinearProbe
-from selfsup.ssl.module import METHODS, SSLModule
+from selfsup.ssl.module import METHODS, SSLModule, build_method
+from selfsup.ssl.module import method_arguments as class_arguments
 
 TRAINER_DEFAULTS: dict = {
     "max_epochs": 100,
@@ -59,11 +60,10 @@ DATA_DEFAULTS: dict = {
 
 
 def method_arguments(method: str) -> dict[str, inspect.Parameter]:
-    """The constructor parameters of a registered method, by name."""
+    """Every constructor argument of a registered method's class chain, by name, with its defaults."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
-    params = inspect.signature(METHODS[method].__init__).parameters
-    return {k: p for k, p in params.items() if k != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+    return class_arguments(METHODS[method])
 
 
 def default_config(method: str = "rotation") -> dict:
@@ -210,7 +210,7 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
     dm.setup("fit")
     if "image_size" in method_arguments(cfg["method"]) and "image_size" not in (config or {}).get("model", {}):
         cfg["model"]["image_size"] = dm.image_size  # methods that cut images (CPC's grid) follow the data
-    model = METHODS[cfg["method"]](**cfg["model"])
+    model = build_method(cfg["method"], cfg["model"])
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if launcher_zero:

@@ -85,3 +85,41 @@ def test_project_root_does_not_shadow_stdlib_ssl():
     ssl_file = out.strip().splitlines()[0]
     assert not ssl_file.startswith(str(root)), f"the project shadows the standard library ssl: {ssl_file}"
     assert not (root / "ssl").exists() and not (root / "pretext").exists()
+
+
+def test_method_arguments_walk_the_class_chain():
+    from selfsup.ssl.cpc import CPC
+    from selfsup.ssl.module import SSLModule, method_arguments
+
+    base = [k for k in method_arguments(SSLModule) if k]
+    for cls in selfsup.METHODS.values():
+        args = method_arguments(cls)
+        assert list(args)[: len(base)] == base, cls  # every base argument, base first
+        assert "in_chans" not in args  # set by the method, never an option
+        m_defaults = {k: p.default for k, p in args.items()}
+        assert set(m_defaults) >= set(base)
+    cpc = {k: p.default for k, p in method_arguments(CPC).items()}
+    assert (cpc["norm"], cpc["optimizer"], cpc["lr"], cpc["weight_decay"]) == ("layer", "adamw", 2e-4, 0.0)
+    assert CPC(backbone="convnet_small").hparams.optimizer == "adamw"  # the class applies its own defaults
+    assert set(CPC(backbone="convnet_small").hparams) == set(cpc)
+
+
+def test_build_method_names_a_misspelt_argument():
+    from selfsup.ssl.module import build_method
+
+    with pytest.raises(ConfigError, match=r"no argument 'head_hiden' \(did you mean 'head_hidden'\?\)"):
+        build_method("rotation", {"backbone": "convnet_small", "head_hiden": 3})
+    with pytest.raises(ConfigError, match="unknown method"):
+        build_method("rotatoin", {})
+
+
+def test_lightness_input_takes_rgb():
+    from selfsup.ssl.module import Lightness
+
+    x = torch.rand(2, 3, 8, 8)
+    out = Lightness()(x)
+    assert out.shape == (2, 1, 8, 8) and out.min() >= -1 - 1e-5 and out.max() <= 1 + 1e-5
+    white_black = torch.stack([torch.ones(3, 2, 2), torch.zeros(3, 2, 2)])
+    torch.testing.assert_close(Lightness()(white_black).flatten(1)[:, 0], torch.tensor([1.0, -1.0]), atol=1e-3, rtol=0)
+    grey = torch.full((1, 1, 2, 2), 0.5)
+    torch.testing.assert_close(Lightness()(grey), Lightness()(grey.expand(-1, 3, -1, -1)))

@@ -1,5 +1,9 @@
-"""Pretext-task methods: rotation (and, as they land, colorization, relative position, multitask)."""
+"""Pretext-task methods: rotation (and, as they land, colorization, relative position, jigsaw, multitask).
 
-from selfsup.pretext.rotation import Rotation, rotate_batch
+Each task is a :class:`~selfsup.pretext.task.Task` (reusable by ``multitask``) wrapped by a method.
+"""
 
-__all__ = ["Rotation", "rotate_batch"]
+from selfsup.pretext.rotation import Rotation, RotationTask, rotate_batch
+from selfsup.pretext.task import TASKS, Task, register_task
+
+__all__ = ["TASKS", "Rotation", "RotationTask", "Task", "register_task", "rotate_batch"]

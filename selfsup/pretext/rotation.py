@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.errors import ConfigError
+from selfsup.pretext.task import Task, register_task
 from selfsup.ssl.module import SSLModule, register_method
 
 
@@ -31,42 +32,44 @@ def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rotated, labels
 
 
-@register_method("rotation")
-class Rotation(SSLModule):
-    """4-way rotation classification on the pooled backbone features (Gidaris et al. 2018).
+@register_task("rotation")
+class RotationTask(Task):
+    """All four rotations of every image through the backbone, a 4-way head on the pooled features.
 
-    Args:
-        backbone, norm, optimizer, lr, weight_decay, momentum, warmup_epochs, crop_scale, flip:
-            see :class:`~selfsup.ssl.module.SSLModule`.
-        head_hidden: hidden width of the rotation head; 0 for a linear head.
+    Args: see :class:`Rotation`.
     """
 
-    def __init__(
-        self,
-        backbone: str = "cifar_resnet18",
-        norm: str | None = None,
-        optimizer: str = "sgd",
-        lr: float = 0.1,
-        weight_decay: float = 5e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
-        crop_scale: float = 0.5,
-        flip: bool = True,
-        head_hidden: int = 0,
-    ) -> None:
-        super().__init__(backbone, norm, optimizer, lr, weight_decay, momentum, warmup_epochs, crop_scale, flip)
-        d = self.num_features
+    def __init__(self, num_features: int, in_chans: int = 3, *, head_hidden: int = 0) -> None:
+        super().__init__()
+        if head_hidden < 0:
+            raise ConfigError(f"head_hidden must be >= 0, got {head_hidden!r}")
+        d = num_features
         self.head = (
             nn.Linear(d, 4)
             if head_hidden == 0
             else nn.Sequential(nn.Linear(d, head_hidden), nn.BatchNorm1d(head_hidden), nn.ReLU(), nn.Linear(head_hidden, 4))
         )
 
-    def loss(self, batch):
-        x = self.augment(batch[0])
+    def forward(self, x, backbone, prepare):
         rotated, labels = rotate_batch(x)
-        feats = self.backbone(self.normalize(rotated))  # (4B, D)
+        feats = backbone(prepare(rotated))  # (4B, D)
         logits = self.head(feats)
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(1) == labels).float().mean()
         return {"loss": loss, "rotation_acc": acc, "features": feats[: x.shape[0]].detach()}
+
+
+@register_method("rotation")
+class Rotation(SSLModule):
+    """4-way rotation classification on the pooled backbone features (Gidaris et al. 2018).
+
+    Args:
+        head_hidden: hidden width of the rotation head; 0 for a linear head.
+    """
+
+    def __init__(self, *, head_hidden: int = 0, **base) -> None:
+        super().__init__(**(self.base_defaults | base))
+        self.task = RotationTask(self.num_features, self.backbone.in_chans, head_hidden=head_hidden)
+
+    def loss(self, batch):
+        return self.task(self.augment(batch[0]), self.backbone, self.normalize)

@@ -236,9 +236,10 @@ class CPC(SSLModule):
     Offsets whose target patches overlap the context row are skipped by default (the paper's code
     skips them too), so a 32 px image predicts offsets 2..5 on its 7x7 grid.
 
+    The base arguments' defaults differ from :class:`~selfsup.ssl.module.SSLModule`'s (layer norm,
+    AdamW at 2e-4, no weight decay); ``crop_scale``/``flip`` act on whole images.
+
     Args:
-        backbone, norm, optimizer, lr, weight_decay, momentum, warmup_epochs, crop_scale, flip:
-            see :class:`~selfsup.ssl.module.SSLModule`; ``crop_scale``/``flip`` are image-level.
         image_size: side of the square images the grid is cut from; training batches and evaluation
             images of another size are resized and centre-cropped to it first.
         patch_size, patch_stride: patch side and stride in pixels; ``None`` picks
@@ -259,17 +260,11 @@ class CPC(SSLModule):
         gather_negatives: under DDP, all ranks' target vectors are candidates.
     """
 
+    base_defaults = {"norm": "layer", "optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0}
+
     def __init__(
         self,
-        backbone: str = "cifar_resnet18",
-        norm: str | None = "layer",
-        optimizer: str = "adamw",
-        lr: float = 2e-4,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        warmup_epochs: float = 1.0,
-        crop_scale: float = 0.5,
-        flip: bool = True,
+        *,
         image_size: int = 32,
         patch_size: int | None = None,
         patch_stride: int | None = None,
@@ -284,10 +279,9 @@ class CPC(SSLModule):
         patch_flip: float = 0.5,
         chunk_size: int | None = 4096,
         gather_negatives: bool = False,
+        **base,
     ) -> None:
-        super().__init__(
-            backbone, norm, optimizer, lr, weight_decay, momentum, warmup_epochs, crop_scale, flip
-        )
+        super().__init__(**(self.base_defaults | base))
         if image_size < 1:
             raise ConfigError(f"image_size must be positive, got {image_size!r}")
         default_patch, default_stride = default_patch_grid(image_size)

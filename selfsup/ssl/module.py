@@ -10,9 +10,11 @@ optimiser (SGD, AdamW or LARS) with linear warm-up and cosine decay, hyper-param
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -58,6 +60,25 @@ class Normalize(nn.Module):
         return (to_float(x) - self.mean) / self.std
 
 
+class Lightness(nn.Module):
+    """RGB images in [0, 1] (or uint8) -> CIE L channel scaled to [-1, 1]: the input of 1-channel encoders.
+
+    Colorization's backbone sees lightness only; with this as its input adapter, its exported encoder
+    still takes RGB, so probes, kNN and notebooks need no special case.
+
+    Shape:
+        - Input: ``(B, 3, H, W)`` -> Output: ``(B, 1, H, W)``
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kornia.color import rgb_to_lab
+
+        x = to_float(x)
+        if x.shape[1] == 1:  # already grey: L of (g, g, g)
+            x = x.expand(-1, 3, -1, -1)
+        return rgb_to_lab(x.clamp(0, 1))[:, :1] / 50.0 - 1.0  # L in [0, 100] -> [-1, 1]
+
+
 class ImageEncoder(nn.Module):
     """RGB images in [0, 1] (or uint8) -> normalised -> backbone -> pooled features.
 
@@ -101,17 +122,27 @@ class SSLModule(pl.LightningModule):
         warmup_epochs: epochs of linear warm-up (fractions allowed).
         crop_scale: smallest area fraction of the random resized crop (1.0 disables cropping).
         flip: random horizontal flips in the training augmentation.
-        in_chans: backbone input channels; methods set it (colorization uses 1).
+        in_chans: backbone input channels, set by a method, never the user: 1 feeds the backbone CIE
+            lightness (colorization), converted from RGB by the encoder itself.
 
-    Subclasses call ``super().__init__(...)`` with their backbone arguments, then build heads.
-    ``self.save_hyperparameters()`` in the base records every constructor argument of the
-    whole class chain, so ``type(m)(**m.hparams)`` rebuilds the model.
+    A method declares only its own arguments, keyword-only, and forwards the rest explicitly, so a
+    misspelt option still fails here (never a ``**kwargs`` sink that swallows it)::
+
+        class Rotation(SSLModule):
+            base_defaults = {}  # optional: this method's defaults for the arguments above
+            def __init__(self, *, head_hidden: int = 0, **base) -> None:
+                super().__init__(**(self.base_defaults | base))
+
+    :func:`method_arguments` reads the whole chain for ``--help`` and ``config.yaml``.
     """
 
     method_name: str = ""
+    base_defaults: ClassVar[dict[str, Any]] = {}
+    """A method's own defaults for base arguments (CPC: layer norm, AdamW at 2e-4); ``--help`` shows them."""
 
     def __init__(
         self,
+        *,
         backbone: str = "cifar_resnet18",
         norm: str | None = None,
         optimizer: str = "sgd",
@@ -130,9 +161,14 @@ class SSLModule(pl.LightningModule):
             raise ConfigError(f"lr must be positive, got {lr!r}")
         if not 0 < crop_scale <= 1:
             raise ConfigError(f"crop_scale must be in (0, 1], got {crop_scale!r}")
+        if in_chans not in (1, 3):
+            raise ConfigError(f"in_chans must be 3 (RGB) or 1 (lightness), got {in_chans!r}")
+        # Records every argument of the whole class chain (Lightning reads each __init__ frame,
+        # a subclass's ``**base`` included), so ``type(m)(**m.hparams)`` rebuilds the model.
         self.save_hyperparameters(ignore=["in_chans"])  # set by the method, not the user
         self.backbone = Backbone(backbone, in_chans=in_chans, norm=norm)
-        self.normalize = Normalize() if in_chans == 3 else Normalize((0.5,), (0.5,))
+        # The input adapter: every encoder takes RGB in [0, 1]; 1-channel backbones see CIE lightness.
+        self.normalize = Normalize() if in_chans == 3 else Lightness()
         self._augmenters: dict[int, nn.Module] = {}  # by image size; parameter-free, so not submodules
 
     # -- the one hook a method implements -------------------------------------------------------
@@ -241,6 +277,52 @@ class SSLModule(pl.LightningModule):
         return directory
 
 
+INTERNAL_ARGUMENTS = frozenset({"in_chans"})
+"""Base arguments a method sets itself; never options of the user."""
+
+
+def method_arguments(cls: type[SSLModule]) -> dict[str, inspect.Parameter]:
+    """Every constructor argument of a method's class chain, base first, with the method's defaults.
+
+    Walks ``cls.__mro__`` from ``cls`` down while each ``__init__`` forwards ``**base``; the base's
+    defaults are replaced by ``cls.base_defaults``.
+    """
+    chain: list[dict[str, inspect.Parameter]] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        chain.append({
+            k: p for k, p in params.items()
+            if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k not in INTERNAL_ARGUMENTS
+        })
+        if klass is SSLModule or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    out: dict[str, inspect.Parameter] = {}
+    for params in reversed(chain):
+        out.update(params)
+    for k, v in cls.base_defaults.items():
+        if k not in out:
+            raise ConfigError(f"{cls.__name__}.base_defaults names {k!r}, which is no argument of SSLModule")
+        out[k] = out[k].replace(default=v)
+    return out
+
+
+def build_method(name: str, hparams: dict[str, Any], where: str = "model") -> SSLModule:
+    """``METHODS[name](**hparams)``, an unknown or misspelt argument named in one line (``ConfigError``)."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    known = method_arguments(METHODS[name])
+    for k in hparams:
+        if k not in known:
+            import difflib
+
+            close = difflib.get_close_matches(k, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: {name} has no argument {k!r}{hint}; known: {', '.join(known)}")
+    return METHODS[name](**hparams)
+
+
 def _jsonable(d: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
@@ -262,10 +344,7 @@ def load_encoder(directory: str | Path, map_location: str | torch.device = "cpu"
     config = json.loads(cfg_path.read_text())
     if config.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"{cfg_path}: unsupported export format {config.get('format')!r}")
-    method = config["method"]
-    if method not in METHODS:
-        raise ConfigError(f"{cfg_path}: unknown method {method!r}; known: {sorted(METHODS)}")
-    model = METHODS[method](**config["hparams"])
+    model = build_method(config["method"], config["hparams"], where=str(cfg_path))
     enc = model.encoder()
     enc.load_state_dict(load_file(str(weights), device=str(map_location)), strict=True)
     enc.config = config
