@@ -11,6 +11,7 @@ tasks share one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -35,10 +36,14 @@ class Task(nn.Module):
 
     Subclasses take ``num_features`` (the backbone's pooled width) and ``in_chans`` (the backbone's
     input channels) first, then their own keyword arguments (with defaults, so ``multitask`` can build
-    them from the task name alone), and implement :meth:`forward`.
+    them from the task name alone), and implement :meth:`forward`. A task that needs a lightness-only
+    backbone sets ``in_chans = 1``; ``multitask`` then feeds every task lightness (the paper's
+    "lightness only" input), which every other task accepts since ``prepare`` does the conversion.
     """
 
     task_name: str = ""
+    in_chans: ClassVar[int] = 3
+    """Backbone input channels the task needs: 1 for colorization (lightness in, colour out)."""
 
     def forward(self, x: torch.Tensor, backbone: nn.Module, prepare: nn.Module) -> dict[str, torch.Tensor]:
         """The task's loss on a batch.
