@@ -34,10 +34,11 @@ PRESETS = {
     # 2 CPU cores: a small backbone, minutes of pretraining.
     # CPC's context network (2.0M parameters at width 256) would cost 8x the 241K-parameter backbone here.
     "cpu": {"backbone": "convnet_small", "budget": "00:00:08:00", "epochs": 2, "batch_size": {"cpc": 32, "rotation": 128},
-            "model": {"cpc": {"context_hidden": 64, "context_blocks": 2}}},
-    # one GPU: the CIFAR ResNet-18, an hour per method.
+            "model": {"cpc": {"context_hidden": 64, "context_blocks": 2}}, "trainer": {}},
+    # one GPU: the CIFAR ResNet-18, an hour per method, bf16 autocast and channels-last convolutions.
     "gpu": {"backbone": "cifar_resnet18", "budget": "00:01:00:00", "epochs": 100,
-            "batch_size": {"cpc": 256, "rotation": 512}, "model": {}},
+            "batch_size": {"cpc": 256, "rotation": 512}, "model": {"*": {"channels_last": True}},
+            "trainer": {"precision": "bf16-mixed"}},
 }
 LR = {"cpc": 1e-3, "rotation": 0.1}
 
@@ -62,6 +63,7 @@ def main() -> int:
     ap.add_argument("--methods", default="cpc,rotation", help="comma-separated registered methods")
     ap.add_argument("--data", help="CIFAR-10 ImageNet-layout root (default: extract ../shared/data's archive)")
     ap.add_argument("--budget", help="pretraining wall time per method, DD:HH:MM:SS (default: the preset's)")
+    ap.add_argument("--epochs", type=int, help="pretraining epochs per method (default: the preset's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pretrain_quality.json"))
     args = ap.parse_args()
 
@@ -80,9 +82,10 @@ def main() -> int:
             cfg = {
                 "method": method,
                 "model": {"backbone": preset["backbone"], "lr": LR.get(method, 0.1), "warmup_epochs": 0.1,
-                          **preset["model"].get(method, {})},
+                          **preset["model"].get("*", {}), **preset["model"].get(method, {})},
                 "data": {"data": str(data), "batch_size": preset["batch_size"].get(method, 128)},
-                "trainer": {"max_epochs": preset["epochs"], "max_time": budget, "check_val_every_n_epoch": 1000},
+                "trainer": {"max_epochs": args.epochs or preset["epochs"], "max_time": budget,
+                            "check_val_every_n_epoch": 1000, **preset["trainer"]},
                 "output": tmp,
                 "name": method,
                 "online_probe": False,
@@ -92,7 +95,7 @@ def main() -> int:
             train_s = time.perf_counter() - start
             src = harness.resolve_source(str(run.run_dir))
             start = time.perf_counter()
-            ev = harness.prepare(src, progress=False)
+            ev = harness.prepare(src, progress=False, batch_size=1024 if torch.cuda.is_available() else 256)
             extract_s = time.perf_counter() - start
             probe, knn = harness.evaluate(ev, "probe"), harness.evaluate(ev, "knn")
             steps = int(run.model.trainer.global_step)

@@ -123,3 +123,17 @@ def test_lightness_input_takes_rgb():
     torch.testing.assert_close(Lightness()(white_black).flatten(1)[:, 0], torch.tensor([1.0, -1.0]), atol=1e-3, rtol=0)
     grey = torch.full((1, 1, 2, 2), 0.5)
     torch.testing.assert_close(Lightness()(grey), Lightness()(grey.expand(-1, 3, -1, -1)))
+
+
+def test_channels_last_changes_layout_not_results():
+    torch.manual_seed(0)
+    m = Rotation(backbone="convnet_small", channels_last=True).eval()
+    ref = Rotation(**dict(m.hparams) | {"channels_last": False}).eval()
+    ref.load_state_dict(m.state_dict())
+    x = torch.rand(2, 3, 16, 16)
+    m.on_fit_start()
+    conv = next(p for p in m.backbone.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert m.augment(x).is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(m.loss((x, None))["loss"], ref.loss((x, None))["loss"])
