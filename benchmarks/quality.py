@@ -1,0 +1,326 @@
+"""The results table: every method pretrained on one backbone, data and budget, scored by one harness.
+
+For each method (default: every registered one) the script pretrains with the method's own defaults
+(plus the preset's backbone, batch size and budget), exports the encoder, then runs the evaluation
+harness on its cached features:
+
+- linear probe top-1 / top-5 (L2 strength chosen on held-out training labels),
+- kNN top-1: k=20 majority vote, and k=200 weighted with T=0.07 (Wu et al. 2018),
+- label efficiency: 1, 10 and 100 labels per class and 100 % of labels, linear probe, 3 seeds,
+- bits/dim on the held-out split for the likelihood models (from the run's ``val/bits_per_dim``),
+
+beside the baselines on the same subsets: a random-init encoder of the method's own architecture (the
+floor), raw pixels, and the same backbone trained supervised from scratch (fine-tuning each method's
+weights too where the preset allows, as in CPC v2's label-efficiency figure).
+
+Every method is resumable: the work directory keeps each run and each finished method's result, so a
+command that was cut off continues where it stopped when run again (``--fresh`` starts over).
+
+    python benchmarks/quality.py --preset cpu-smoke                     # minutes; what CI runs
+    python benchmarks/quality.py --preset cpu --threads 2               # about an hour on 2 cores
+    python benchmarks/quality.py --preset gpu --data /data/cifar10      # ResNet-18, bf16, channels-last
+
+Writes ``benchmarks/results/quality_<preset>.{json,md,png}`` and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SUPERVISED = "supervised (same backbone, from scratch)"
+KS = (1, 10, 100, None)
+
+PRESETS: dict[str, dict] = {
+    # CI: the embedded digits, two optimiser steps per method, one seed; checks the plumbing only.
+    "cpu-smoke": {"backbone": "convnet_small", "data": "digits", "image_size": 16, "max_steps": 2, "epochs": 1,
+                  "minutes": None, "batch_size": 32, "ks": (1, 10, None), "seeds": (0,), "supervised_steps": 3,
+                  "finetune_steps": 0, "precision": "32-true", "model": {}},
+    # 2 CPU cores: the small backbone, a few minutes per method, about an hour for the whole table.
+    "cpu": {"backbone": "convnet_small", "data": None, "image_size": None, "max_steps": -1, "epochs": 3,
+            "minutes": 4.0, "batch_size": 128, "ks": KS, "seeds": (0, 1, 2), "supervised_steps": 300,
+            "finetune_steps": 0, "precision": "32-true", "model": {}},
+    # one GPU: the CIFAR ResNet-18 at 32 px, bf16 autocast, channels-last, the papers' long schedules
+    # (capped at an hour a method); CPC predicts in all four directions as the paper does.
+    "gpu": {"backbone": "cifar_resnet18", "data": None, "image_size": None, "max_steps": -1, "epochs": 200,
+            "minutes": 60.0, "batch_size": 256, "ks": KS, "seeds": (0, 1, 2), "supervised_steps": 3000,
+            "finetune_steps": 1000, "precision": "bf16-mixed",
+            "model": {"*": {"channels_last": True}, "cpc": {"directions": "down,up,left,right"}}},
+}
+# Per-image cost differs by method (CPC encodes 49 patches an image): batch sizes that fit a CPU step.
+CPU_BATCH = {"cpc": 32, "jigsaw": 64, "relative_position": 64, "multitask": 64}
+
+
+def method_config(method: str, preset: dict, data: str, work: Path) -> dict:
+    """The ``selfsup.train.pretrain`` config of one method under a preset."""
+    model = {"backbone": preset["backbone"], **preset["model"].get("*", {}), **preset["model"].get(method, {})}
+    batch = preset["batch_size"]
+    if preset["precision"] == "32-true" and preset["minutes"]:
+        batch = CPU_BATCH.get(method, batch)
+    trainer = {"max_epochs": preset["epochs"], "max_steps": preset["max_steps"], "precision": preset["precision"],
+               "check_val_every_n_epoch": 1, "log_every_n_steps": 10}
+    if preset["minutes"]:
+        total = int(preset["minutes"] * 60)
+        trainer["max_time"] = f"00:{total // 3600:02d}:{total // 60 % 60:02d}:{total % 60:02d}"
+    return {"method": method, "model": model, "trainer": trainer, "output": str(work / "runs"), "name": method,
+            "data": {"data": data, "batch_size": batch, "image_size": preset["image_size"]}, "online_probe": False}
+
+
+def pretrain_once(method: str, cfg: dict, work: Path) -> Path:
+    """Pretrain, or continue a run that was cut off, or reuse a finished one; the run directory."""
+    from selfsup.train import pretrain
+
+    run_dir = work / "runs" / method
+    if (run_dir / "metrics.json").is_file() and (run_dir / "export" / "config.json").is_file():
+        return run_dir  # finished earlier
+    resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)  # started but never checkpointed: nothing to keep
+    start = time.perf_counter()
+    run = pretrain(cfg, resume=resume)
+    seconds = time.perf_counter() - start
+    timing = run_dir / "pretrain_cost.json"
+    before = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0  # earlier, cut-off parts
+    cost = {"seconds": before + seconds, "steps": int(run.model.trainer.global_step)}
+    timing.write_text(json.dumps(cost) + "\n")
+    return run_dir
+
+
+def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: dict) -> dict:
+    """Probe, kNN, label efficiency, baselines and bits/dim of one pretrained run."""
+    import numpy as np
+
+    from selfsup.eval import harness
+    from selfsup.eval.finetune import train_classifier
+    from selfsup.eval.label_efficiency import label_efficiency_sweep
+    from selfsup.ssl.module import load_encoder
+
+    src = harness.resolve_source(str(run_dir))
+    ev = harness.prepare(src, progress=False, batch_size=512)
+    probe = harness.evaluate(ev, "probe")
+    knn20 = harness.evaluate(ev, "knn", k=20)
+    knn200 = harness.evaluate(ev, "knn", k=200, temperature=0.07)
+    encoders = {name: harness.arrays(pair) for name, pair in ev.features.items()}
+    common = {"ks": list(preset["ks"]), "seeds": list(preset["seeds"]), "dataset_key": ev.spec, "progress": False}
+    sweep = label_efficiency_sweep(encoders, methods=["linear"], **common)
+    num_classes = len(ev.train.classes)
+    any_arrays = next(iter(encoders.values()))
+
+    def classifier(build, lr_scale: float, steps: int):
+        def run(name: str, subset: np.ndarray, seed: int) -> dict:
+            return train_classifier(build(), ev.train, ev.test, subset, num_classes, steps=steps,
+                                    encoder_lr_scale=lr_scale, seed=seed)
+
+        return run
+
+    arch = (preset["backbone"], ev.spec)
+    if arch not in supervised_cache and preset["supervised_steps"]:
+        from selfsup.ssl.backbone import Backbone
+        from selfsup.ssl.module import ImageEncoder
+
+        fn = classifier(lambda: ImageEncoder(Backbone(preset["backbone"])), 1.0, preset["supervised_steps"])
+        res = label_efficiency_sweep({SUPERVISED: any_arrays}, methods=["finetune"], finetune_fn=fn, **common)
+        supervised_cache[arch] = res["results"][SUPERVISED]["finetune"]
+    finetuned = None
+    if preset["finetune_steps"]:
+        fn = classifier(lambda: load_encoder(run_dir / "export"), 0.1, preset["finetune_steps"])
+        res = label_efficiency_sweep({src.name: any_arrays}, methods=["finetune"], finetune_fn=fn, **common)
+        finetuned = res["results"][src.name]["finetune"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cost = json.loads((run_dir / "pretrain_cost.json").read_text()) if (run_dir / "pretrain_cost.json").is_file() else {}
+    rows = {}
+    for name in ev.features:
+        role = "method" if name == src.name else ("pixels" if name == "pixels" else "random init")
+        rows[role] = {
+            "encoder": name,
+            "linear_top1": probe[name]["top1"], "linear_top5": probe[name]["top5"],
+            "knn20_top1": knn20[name]["top1"], "knn200_t007_top1": knn200[name]["top1"],
+            "label_efficiency": {
+                e["budget"]: {"mean": e["top1_mean"], "std": e["top1_std"], "n_labels": e["n_labels"]}
+                for e in sweep["results"][name]["linear"]
+            },
+            "features": probe[name]["features"],
+        }
+    if finetuned:
+        rows["method"]["finetune"] = {e["budget"]: {"mean": e["top1_mean"], "std": e["top1_std"]} for e in finetuned}
+    return {
+        "method": method, "run_dir": str(run_dir), "hparams": src.meta.get("hparams", {}),
+        "pretrain_steps": cost.get("steps"), "pretrain_seconds": cost.get("seconds"),
+        "bits_per_dim": metrics.get("val/bits_per_dim"),
+        "data": ev.spec, "train_images": len(ev.train), "test_images": len(ev.test),
+        "rows": rows,
+    }
+
+
+def markdown(results: list[dict], supervised: dict, title: str) -> str:
+    """The results table: one row per method, its floor and pixels beside it, supervised last."""
+    budgets = list(next(iter(results))["rows"]["method"]["label_efficiency"]) if results else []
+    head = ["method", "linear top-1", "top-5", "kNN k=20", "kNN k=200 T=0.07", *[f"linear {b}" for b in budgets],
+            "bits/dim", "floor linear", "floor kNN k=20", "minutes"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def le(row: dict, b: str) -> str:
+        e = row["label_efficiency"].get(b)
+        return "-" if e is None else f"{e['mean']:.1f} ± {e['std']:.1f}"
+
+    for r in results:
+        m, f = r["rows"]["method"], r["rows"]["random init"]
+        beat = "" if m["linear_top1"] > f["linear_top1"] else " (below floor)"
+        bpd = "-" if r["bits_per_dim"] is None else f"{r['bits_per_dim']:.2f}"
+        minutes = "-" if r["pretrain_seconds"] is None else f"{r['pretrain_seconds'] / 60:.1f}"
+        lines.append("| " + " | ".join([
+            r["method"], f"{m['linear_top1']:.1f}{beat}", f"{m['linear_top5']:.1f}", f"{m['knn20_top1']:.1f}",
+            f"{m['knn200_t007_top1']:.1f}", *[le(m, b) for b in budgets], bpd, f"{f['linear_top1']:.1f}",
+            f"{f['knn20_top1']:.1f}", minutes]) + " |")
+    if results:
+        p = results[0]["rows"]["pixels"]
+        lines.append("| " + " | ".join(["raw pixels (16 px)", f"{p['linear_top1']:.1f}", f"{p['linear_top5']:.1f}",
+                                        f"{p['knn20_top1']:.1f}", f"{p['knn200_t007_top1']:.1f}",
+                                        *[le(p, b) for b in budgets], "-", "-", "-", "-"]) + " |")
+    for arch, entries in supervised.items():
+        cells = {e["budget"]: f"{e['top1_mean']:.1f} ± {e['top1_std']:.1f}" for e in entries}
+        lines.append("| " + " | ".join([f"supervised from scratch ({arch})", "-", "-", "-", "-",
+                                        *[cells.get(b, "-") for b in budgets], "-", "-", "-", "-"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], supervised: dict, path: Path, title: str) -> Path:
+    """One label-efficiency figure: every method, its floors and the supervised baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.get_cmap("tab10")
+
+    def curve(entries: dict) -> tuple[list, list, list]:
+        xs, ys, ss = [], [], []
+        for e in entries.values():
+            xs.append(e["n_labels"])
+            ys.append(e["mean"])
+            ss.append(e["std"])
+        return xs, ys, ss
+
+    for i, r in enumerate(results):
+        xs, ys, ss = curve(r["rows"]["method"]["label_efficiency"])
+        ax.errorbar(xs, ys, yerr=ss, marker="o", color=colours(i % 10), label=r["method"], capsize=2)
+    if results:
+        xs, ys, _ = curve(results[0]["rows"]["random init"]["label_efficiency"])
+        ax.plot(xs, ys, "--", color="0.45", label=f"random init ({results[0]['method']}'s architecture)")
+        xs, ys, _ = curve(results[0]["rows"]["pixels"]["label_efficiency"])
+        ax.plot(xs, ys, ":", color="0.3", label="raw pixels")
+    for arch, entries in supervised.items():
+        xs = [e["n_labels"] for e in entries]
+        ax.errorbar(xs, [e["top1_mean"] for e in entries], yerr=[e["top1_std"] for e in entries], color="black",
+                    lw=2, marker="s", label=f"supervised from scratch ({arch})", capsize=2)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training images (log scale; 1, 10, 100 per class and all)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    import selfsup  # noqa: F401  (registers every method)
+    from selfsup.ssl.module import METHODS
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--methods", help=f"comma-separated methods (default: all: {','.join(sorted(METHODS))})")
+    ap.add_argument("--data", help="ImageNet-layout root (default: CIFAR-10 from ../shared/data; cpu-smoke: digits)")
+    ap.add_argument("--minutes", type=float, help="pretraining wall-clock budget per method (default: the preset's)")
+    ap.add_argument("--epochs", type=int, help="pretraining epochs per method (default: the preset's)")
+    ap.add_argument("--work", help="work directory of runs and per-method results (default: a folder in "
+                    "$SELFSUP_CACHE or ~/.cache/selfsup named by the preset); reruns resume from it")
+    ap.add_argument("--fresh", action="store_true", help="delete the work directory first")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (state it with the numbers)")
+    ap.add_argument("--out", help="output prefix (default: benchmarks/results/quality_<preset>)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = dict(PRESETS[args.preset])
+    if args.minutes is not None:
+        preset["minutes"] = args.minutes
+    if args.epochs is not None:
+        preset["epochs"] = args.epochs
+    methods = args.methods.split(",") if args.methods else sorted(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"quality.py: error: unknown methods {unknown}; known: {', '.join(sorted(METHODS))}", file=sys.stderr)
+        return 2
+    data = args.data or preset["data"]
+    if data is None:
+        from pretrain_quality import find_data
+
+        found = find_data(None)
+        if found is None:
+            print("skipped: CIFAR-10 not found (../shared/data/cifar10-jpeg.tar.gz is absent and no --data given)")
+            return 0
+        data = str(found)
+    cache = Path(os.environ.get("SELFSUP_CACHE", Path.home() / ".cache" / "selfsup"))
+    work = Path(args.work) if args.work else cache / f"quality-{args.preset}"
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    (work / "results").mkdir(parents=True, exist_ok=True)
+
+    results, supervised = [], {}
+    sup_file = work / "results" / "_supervised.json"
+    if sup_file.is_file():
+        supervised = {tuple(k.split("|", 1)): v for k, v in json.loads(sup_file.read_text()).items()}
+    for method in methods:
+        done = work / "results" / f"{method}.json"
+        if done.is_file():
+            results.append(json.loads(done.read_text()))
+            print(f"{method}: done earlier ({done})")
+            continue
+        print(f"{method}: pretraining ({preset['backbone']}, {data}) ...", flush=True)
+        run_dir = pretrain_once(method, method_config(method, preset, data, work), work)
+        print(f"{method}: evaluating ...", flush=True)
+        res = evaluate_method(method, run_dir, preset, supervised)
+        done.write_text(json.dumps(res, indent=2) + "\n")
+        sup_file.write_text(json.dumps({"|".join(k): v for k, v in supervised.items()}, indent=2) + "\n")
+        results.append(res)
+
+    sup_by_arch = {arch: entries for (arch, _), entries in supervised.items()}
+    budget = f"{preset['minutes']} min" if preset["minutes"] else f"{preset['max_steps']} steps"
+    title = f"{Path(data).name}, {preset['backbone']}, {budget} (max {preset['epochs']} epochs) per method"
+    table = markdown(results, sup_by_arch, title)
+    print(table)
+    prefix = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"quality_{args.preset}"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    prefix.with_suffix(".md").write_text(f"{table}\nCommand: `{command}`\n")
+    plot(results, sup_by_arch, prefix.with_suffix(".png"), title)
+    summary = {
+        "benchmark": "quality", "preset": args.preset, "command": command, "data": data,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in preset.items()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                    "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d")},
+        "results": results, "supervised": {"|".join(k): v for k, v in supervised.items()},
+    }
+    prefix.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {prefix}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
