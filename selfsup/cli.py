@@ -1,4 +1,4 @@
-"""The ``selfsup`` command: pretrain, features, probe, knn, sweep, demo.
+"""The ``selfsup`` command: pretrain, features, probe, knn, sweep, report, plot, demo.
 
 Errors from bad input or options are printed as one line (``selfsup: error: ...``), not a traceback.
 """
@@ -198,6 +198,65 @@ def build_eval_parsers(sub) -> None:
     p.add_argument("--finetune-steps", type=int, default=300, help="training steps per subset for --finetune/--supervised")
 
 
+def build_view_parsers(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page comparing runs (tables, curves, pictures)",
+                       description="Evaluate each run from its cached features (the random-init floor and raw "
+                       "pixels beside it) and write one HTML page with every image embedded: config, probe and kNN "
+                       "table, label-efficiency curves of all runs (from `selfsup sweep`), training curves, "
+                       "nearest-neighbour retrieval, an embedding map and, where a run has them, samples.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (runs/<name>)")
+    p.add_argument("-o", "--output", default="report.html", help="the page to write (default: report.html)")
+    p.add_argument("--data", help="dataset spec to evaluate on (default: each run's training data)")
+    p.add_argument("--no-pictures", dest="pictures", action="store_false",
+                   help="tables and curves only: no retrieval grid or embedding map")
+    p = sub.add_parser("plot", help="write one picture of a run as a PNG",
+                       description="retrieval: test images and their nearest training images in feature space, "
+                       "wrong-class neighbours framed red; embedding: a 2-D map of test features coloured by class "
+                       "(PCA, or t-SNE with --tsne); curves: training curves from metrics.csv.")
+    p.add_argument("run", metavar="RUN", help="a run directory (runs/<name>)")
+    p.add_argument("kind", choices=["retrieval", "embedding", "curves"], help="which picture")
+    p.add_argument("-o", "--output", help="PNG path (default: RUN/eval/<kind>.png)")
+    p.add_argument("--data", help="dataset spec (default: the run's training data)")
+    p.add_argument("--tsne", action="store_true", help="embedding: t-SNE instead of PCA (slower)")
+    p.add_argument("--queries", type=_positive, default=8, help="retrieval: query images (default: 8)")
+    p.add_argument("--k", type=_positive, default=8, help="retrieval: neighbours per query (default: 8)")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _run_view(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    if args.command == "report":
+        from selfsup.eval.page import write_report
+
+        path = write_report(args.runs, args.output, data=args.data, pictures=args.pictures, progress=True)
+        print(f"report: {path} (open it in a browser; it needs no network)")
+        return
+    from selfsup.eval import harness, viz
+    from selfsup.eval.page import _run_dir
+
+    run = _run_dir(args.run)
+    out = Path(args.output) if args.output else run / "eval" / f"{args.kind}.png"
+    if args.kind == "curves":
+        fig = viz.training_curves(run / "metrics.csv", title=run.name)
+    else:
+        src = harness.resolve_source(str(run))
+        ev = harness.prepare(src, data=args.data, baselines=False)
+        train, test = ev.features[src.name]
+        if args.kind == "retrieval":
+            fig = viz.retrieval_grid(ev.train, ev.test, train.x, test.x, queries=args.queries, k=args.k, title=src.name)
+        else:
+            fig = viz.embedding_map(test.x, test.y, ev.test.classes, method="tsne" if args.tsne else "pca",
+                                    title=f"{src.name}, test split")
+    print(f"{args.kind}: {viz.save(fig, out)}")
+
+
 def _run_eval(args: argparse.Namespace) -> None:
     from selfsup.eval import harness
 
@@ -269,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     build_pretrain_parser(sub, method if method in METHODS else "rotation")
     build_eval_parsers(sub)
+    build_view_parsers(sub)
     build_demo_parser(sub)
     args = parser.parse_args(argv)
     args.method_given = any(a == "--method" or a.startswith("--method=") for a in argv)
@@ -281,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run written to {result.run_dir} (encoder in {result.run_dir / 'export'})")
         elif args.command in ("features", "probe", "knn", "sweep"):
             _run_eval(args)
+        elif args.command in ("report", "plot"):
+            _run_view(args)
         elif args.command == "demo":
             from selfsup.demo import run_demo
 
