@@ -39,7 +39,7 @@ PRESETS = {
     "gpu": {"backbone": "cifar_resnet18", "budget": "00:01:00:00", "epochs": 100,
             "batch_size": {"cpc": 256, "rotation": 512}, "model": {}},
 }
-LR = {"cpc": 1e-3, "rotation": 0.1}
+LR = {"cpc": 1e-3, "rotation": 0.1, "colorization": 2e-3}
 
 
 def find_data(path: str | None) -> Path | None:
