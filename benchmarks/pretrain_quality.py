@@ -40,7 +40,7 @@ PRESETS = {
             "batch_size": {"cpc": 256, "rotation": 512}, "model": {"*": {"channels_last": True}},
             "trainer": {"precision": "bf16-mixed"}},
 }
-LR = {"cpc": 1e-3, "rotation": 0.1}
+LR = {"cpc": 1e-3, "rotation": 0.1, "colorization": 2e-3}
 
 
 def find_data(path: str | None) -> Path | None:
