@@ -1,9 +1,25 @@
-"""Pretext-task methods: rotation (and, as they land, colorization, relative position, jigsaw, multitask).
+"""Pretext-task methods: rotation, relative position, jigsaw, their multi-task combination (and colorization as it lands).
 
 Each task is a :class:`~selfsup.pretext.task.Task` (reusable by ``multitask``) wrapped by a method.
 """
 
+from selfsup.pretext.jigsaw import Jigsaw, JigsawTask, permutation_set
+from selfsup.pretext.multitask import MultiTask
+from selfsup.pretext.relative_position import RelativePosition, RelativePositionTask
 from selfsup.pretext.rotation import Rotation, RotationTask, rotate_batch
 from selfsup.pretext.task import TASKS, Task, register_task
 
-__all__ = ["TASKS", "Rotation", "RotationTask", "Task", "register_task", "rotate_batch"]
+__all__ = [
+    "TASKS",
+    "Jigsaw",
+    "JigsawTask",
+    "MultiTask",
+    "RelativePosition",
+    "RelativePositionTask",
+    "Rotation",
+    "RotationTask",
+    "Task",
+    "permutation_set",
+    "register_task",
+    "rotate_batch",
+]
