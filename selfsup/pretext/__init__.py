@@ -1,10 +1,28 @@
-"""Pretext-task methods: rotation (and, as they land, colorization, relative position, jigsaw, multitask).
+"""Pretext-task methods: rotation, colorization, relative position, jigsaw and their multi-task combination.
 
 Each task is a :class:`~selfsup.pretext.task.Task` (reusable by ``multitask``) wrapped by a method.
 """
 
-from selfsup.pretext.colorization import Colorization, ColorizationTask  # noqa: F401  (registers colorization)
+from selfsup.pretext.colorization import Colorization, ColorizationTask
+from selfsup.pretext.jigsaw import Jigsaw, JigsawTask, permutation_set
+from selfsup.pretext.multitask import MultiTask
+from selfsup.pretext.relative_position import RelativePosition, RelativePositionTask
 from selfsup.pretext.rotation import Rotation, RotationTask, rotate_batch
 from selfsup.pretext.task import TASKS, Task, register_task
 
-__all__ = ["TASKS", "Rotation", "RotationTask", "Task", "register_task", "rotate_batch"]
+__all__ = [
+    "TASKS",
+    "Colorization",
+    "ColorizationTask",
+    "Jigsaw",
+    "JigsawTask",
+    "MultiTask",
+    "RelativePosition",
+    "RelativePositionTask",
+    "Rotation",
+    "RotationTask",
+    "Task",
+    "permutation_set",
+    "register_task",
+    "rotate_batch",
+]
