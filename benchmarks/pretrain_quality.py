@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -40,7 +41,7 @@ PRESETS = {
             "batch_size": {"cpc": 256, "rotation": 512}, "model": {"*": {"channels_last": True}},
             "trainer": {"precision": "bf16-mixed"}},
 }
-LR = {"cpc": 1e-3, "rotation": 0.1, "colorization": 2e-3}
+LR = {"cpc": 1e-3, "rotation": 0.1, "colorization": 2e-3, "vae": 1e-3}
 
 
 def find_data(path: str | None) -> Path | None:
@@ -55,6 +56,21 @@ def find_data(path: str | None) -> Path | None:
         with tarfile.open(ARCHIVE) as tar:
             tar.extractall(dest, filter="data")
     return dest / "cifar10"
+
+
+def held_out_bits_per_dim(run, out: Path) -> float | None:
+    """``val/bits_per_dim`` of the final weights on the test split; its sample grid is copied beside ``out``."""
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, devices=1,
+                         default_root_dir=str(run.run_dir))
+    metrics = trainer.validate(run.model, datamodule=run.datamodule, verbose=False)[0]
+    grids = sorted((run.run_dir / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)
+    if grids:
+        dest = out.with_name(f"{out.stem}_{run.model.method_name}_samples.png")
+        shutil.copyfile(grids[-1], dest)
+        print(f"{run.model.method_name}: samples and reconstructions in {dest}")
+    return metrics.get("val/bits_per_dim")
 
 
 def main() -> int:
@@ -93,6 +109,7 @@ def main() -> int:
             start = time.perf_counter()
             run = pretrain(cfg)
             train_s = time.perf_counter() - start
+            bpd = held_out_bits_per_dim(run, Path(args.out)) if run.model.validates else None
             src = harness.resolve_source(str(run.run_dir))
             start = time.perf_counter()
             ev = harness.prepare(src, progress=False, batch_size=1024 if torch.cuda.is_available() else 256)
@@ -104,14 +121,16 @@ def main() -> int:
                     "method": method, "encoder": name, "pretrain_steps": steps, "pretrain_seconds": round(train_s, 1),
                     "extract_seconds": round(extract_s, 1), "linear_top1": probe[name]["top1"],
                     "knn_top1": knn[name]["top1"],
+                    **({"val_bits_per_dim": bpd} if bpd is not None and name == "pretrained" else {}),
                 })
 
     table = Table(title=f"CIFAR-10, {args.preset} preset, pretraining budget {budget} per method")
-    for col in ("method", "encoder", "steps", "pretrain s", "linear top-1", "kNN top-1"):
+    for col in ("method", "encoder", "steps", "pretrain s", "linear top-1", "kNN top-1", "bits/dim"):
         table.add_column(col)
     for r in rows:
+        bpd = f"{r['val_bits_per_dim']:.3f}" if "val_bits_per_dim" in r else ""
         table.add_row(r["method"], r["encoder"], str(r["pretrain_steps"]), str(r["pretrain_seconds"]),
-                      f"{r['linear_top1']:.1f}", f"{r['knn_top1']:.1f}")
+                      f"{r['linear_top1']:.1f}", f"{r['knn_top1']:.1f}", bpd)
     Console().print(table)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -236,7 +236,7 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
         callbacks=cbs,
         logger=loggers,
         num_sanity_val_steps=0,
-        limit_val_batches=1.0 if probe and dm.val_set is not None else 0,
+        limit_val_batches=1.0 if (probe or model.validates) and dm.val_set is not None else 0,
     )
     ckpt = str(run_dir / "checkpoints" / "last.ckpt") if resume else None
     try:
