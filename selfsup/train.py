@@ -219,6 +219,8 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
         _set_aside_metrics(run_dir)
 
     probe = OnlineLinearProbe(dm.num_classes) if cfg["online_probe"] and dm.num_classes >= 2 else None
+    # Methods with a held-out metric of their own (a flow's val/bits_per_dim) validate without the probe too.
+    validates = probe is not None or type(model).validation_step is not SSLModule.validation_step
     cbs = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_epochs=1),
         LearningRateMonitor(logging_interval="step"),
@@ -236,7 +238,7 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
         callbacks=cbs,
         logger=loggers,
         num_sanity_val_steps=0,
-        limit_val_batches=1.0 if probe and dm.val_set is not None else 0,
+        limit_val_batches=1.0 if validates and dm.val_set is not None else 0,
     )
     ckpt = str(run_dir / "checkpoints" / "last.ckpt") if resume else None
     try:
