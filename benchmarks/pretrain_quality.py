@@ -33,7 +33,7 @@ ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 PRESETS = {
     # 2 CPU cores: a small backbone, minutes of pretraining.
     # CPC's context network (2.0M parameters at width 256) would cost 8x the 241K-parameter backbone here.
-    "cpu": {"backbone": "convnet_small", "budget": "00:00:08:00", "epochs": 2, "batch_size": {"cpc": 32, "rotation": 128},
+    "cpu": {"backbone": "convnet_small", "budget": "00:00:08:00", "epochs": 2, "batch_size": {"cpc": 32, "rotation": 128, "flow": 64},
             "model": {"cpc": {"context_hidden": 64, "context_blocks": 2}}},
     # one GPU: the CIFAR ResNet-18, an hour per method.
     "gpu": {"backbone": "cifar_resnet18", "budget": "00:01:00:00", "epochs": 100,
@@ -54,6 +54,29 @@ def find_data(path: str | None) -> Path | None:
         with tarfile.open(ARCHIVE) as tar:
             tar.extractall(dest, filter="data")
     return dest / "cifar10"
+
+
+def held_out_metrics(run, samples_to: Path) -> dict:
+    """A method's own held-out metrics (a flow's ``val/bits_per_dim`` on the test split), and its sample grids.
+
+    Only for methods that define ``validation_step``; the sample grids of the run are copied to ``samples_to``.
+    """
+    import shutil
+
+    import pytorch_lightning as pl
+
+    from selfsup.ssl.module import SSLModule
+
+    if (run.run_dir / "samples").is_dir():
+        shutil.copytree(run.run_dir / "samples", samples_to, dirs_exist_ok=True)
+    if type(run.model).validation_step is SSLModule.validation_step or run.datamodule.val_set is None:
+        return {}
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, devices=1,
+                         default_root_dir=str(run.run_dir))
+    start = time.perf_counter()
+    out = trainer.validate(run.model, datamodule=run.datamodule, verbose=False)[0]
+    return {k.removeprefix("val/"): round(float(v), 4) for k, v in out.items()} | {
+        "held_out_seconds": round(time.perf_counter() - start, 1)}
 
 
 def main() -> int:
@@ -79,7 +102,7 @@ def main() -> int:
         for method in args.methods.split(","):
             cfg = {
                 "method": method,
-                "model": {"backbone": preset["backbone"], "lr": LR.get(method, 0.1), "warmup_epochs": 0.1,
+                "model": {"backbone": preset["backbone"], **({"lr": LR[method]} if method in LR else {}), "warmup_epochs": 0.1,
                           **preset["model"].get(method, {})},
                 "data": {"data": str(data), "batch_size": preset["batch_size"].get(method, 128)},
                 "trainer": {"max_epochs": preset["epochs"], "max_time": budget, "check_val_every_n_epoch": 1000},
@@ -90,6 +113,7 @@ def main() -> int:
             start = time.perf_counter()
             run = pretrain(cfg)
             train_s = time.perf_counter() - start
+            held_out = held_out_metrics(run, Path(args.out).parent / "samples" / method)
             src = harness.resolve_source(str(run.run_dir))
             start = time.perf_counter()
             ev = harness.prepare(src, progress=False)
@@ -100,15 +124,17 @@ def main() -> int:
                 rows.append({
                     "method": method, "encoder": name, "pretrain_steps": steps, "pretrain_seconds": round(train_s, 1),
                     "extract_seconds": round(extract_s, 1), "linear_top1": probe[name]["top1"],
-                    "knn_top1": knn[name]["top1"],
+                    "knn_top1": knn[name]["top1"], **(held_out if name == src.name else {}),
                 })
 
     table = Table(title=f"CIFAR-10, {args.preset} preset, pretraining budget {budget} per method")
     for col in ("method", "encoder", "steps", "pretrain s", "linear top-1", "kNN top-1"):
         table.add_column(col)
+    table.add_column("bits/dim (test)")
     for r in rows:
         table.add_row(r["method"], r["encoder"], str(r["pretrain_steps"]), str(r["pretrain_seconds"]),
-                      f"{r['linear_top1']:.1f}", f"{r['knn_top1']:.1f}")
+                      f"{r['linear_top1']:.1f}", f"{r['knn_top1']:.1f}",
+                      f"{r['bits_per_dim']:.3f}" if "bits_per_dim" in r else "")
     Console().print(table)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -133,7 +133,7 @@ class Flow(SSLModule):
         *,
         levels: int = 3,
         steps: int = 4,
-        hidden: int = 64,
+        hidden: int = 32,
         sample_temperature: float = 0.7,
         num_samples: int = 64,
         **base,
