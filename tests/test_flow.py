@@ -177,5 +177,17 @@ def test_cli_pretrains_a_flow_with_bits_per_dim_and_samples(tmp_path):
     enc = selfsup.load_encoder(run / "export")
     with torch.no_grad():
         assert enc(torch.rand(2, 3, 16, 16)).shape == (2, enc.num_features)
-    r = run_cli("pretrain", "--method", "flow", "--backbone", "cifar_resnet18", "--name", "g", cwd=tmp_path)
-    assert r.returncode != 0 and "flow has no backbone" in r.stderr and "Traceback" not in r.stderr
+    assert f"samples in {run / 'samples'}" in r.stdout.replace(str(tmp_path) + "/", "")
+
+
+def test_cli_names_a_backbone_given_to_a_flow_in_one_line(tmp_path, monkeypatch, capsys):
+    from selfsup.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--method", "flow", "--backbone", "cifar_resnet18", "--image-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfsup: error: a flow has no backbone") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--method", "flow", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "unused by a flow (its encoder is the flow itself)" in help_text and "--sample-temperature" in help_text
