@@ -338,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg, resume = _pretrain_config(args)
             result = pretrain(cfg, resume=resume)
-            print(f"run written to {result.run_dir} (encoder in {result.run_dir / 'export'})")
+            samples = result.run_dir / "samples"
+            shown = f", samples in {samples}" if samples.is_dir() else ""
+            print(f"run written to {result.run_dir} (encoder in {result.run_dir / 'export'}{shown})")
         elif args.command in ("features", "probe", "knn", "sweep"):
             _run_eval(args)
         elif args.command in ("report", "plot"):

@@ -1,6 +1,8 @@
-"""Generators as representation learners: each method's encoder is scored like any other method's.
+"""Generators as representation learners: VAE, BiGAN/DCGAN, normalizing flow.
 
-Importing this package registers the generative methods in :data:`~selfsup.ssl.module.METHODS`.
+Importing this package registers the generative methods in :data:`~selfsup.ssl.module.METHODS`; each
+method's encoder is scored like any other method's.
 """
 
+from selfsup.ssl.generative import flow as _flow  # noqa: F401  (registers "flow")
 from selfsup.ssl.generative import vae as _vae  # noqa: F401  (registers "vae")
