@@ -1,6 +1,7 @@
 """The shared spine (backbone, SSLModule) and the contrastive and generative methods."""
 
 from selfsup.ssl import cpc as _cpc  # noqa: E402,F401  (registers "cpc" in METHODS)
+from selfsup.ssl import generative as _generative  # noqa: E402,F401  (registers the generative methods)
 from selfsup.ssl.backbone import BACKBONES, Backbone, register_backbone
 from selfsup.ssl.module import METHODS, SSLModule, load_encoder, register_method
 
