@@ -62,7 +62,10 @@ CPU_BATCH = {"cpc": 32, "jigsaw": 64, "relative_position": 64, "multitask": 64}
 
 def method_config(method: str, preset: dict, data: str, work: Path) -> dict:
     """The ``selfsup.train.pretrain`` config of one method under a preset."""
-    model = {"backbone": preset["backbone"], **preset["model"].get("*", {}), **preset["model"].get(method, {})}
+    from selfsup.ssl.module import METHODS
+
+    trunk = {"backbone": preset["backbone"]} if METHODS[method].uses_backbone else {}  # a flow has none
+    model = {**trunk, **preset["model"].get("*", {}), **preset["model"].get(method, {})}
     batch = preset["batch_size"]
     if preset["precision"] == "32-true" and preset["minutes"]:
         batch = CPU_BATCH.get(method, batch)

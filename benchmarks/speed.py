@@ -129,7 +129,9 @@ def method_speed(method: str, preset: dict) -> dict:
     from selfsup.ssl.module import METHODS, method_arguments
 
     cls = METHODS[method]
-    kw = {"backbone": preset["backbone"], "channels_last": preset["channels_last"]}
+    kw = {"channels_last": preset["channels_last"]}
+    if cls.uses_backbone:
+        kw["backbone"] = preset["backbone"]
     if "image_size" in method_arguments(cls):
         kw["image_size"] = preset["image_size"]
     torch.manual_seed(0)
@@ -137,7 +139,9 @@ def method_speed(method: str, preset: dict) -> dict:
     b, s = preset["batch"], preset["image_size"]
     images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8)
     labels = torch.randint(0, 10, (b,))
-    floor = BackboneFloor(preset["backbone"], model.backbone.in_chans, channels_last=preset["channels_last"])
+    # A flow has no trunk: its floor is the preset backbone's, for scale.
+    in_chans = model.backbone.in_chans if model.backbone is not None else 3
+    floor = BackboneFloor(preset["backbone"], in_chans, channels_last=preset["channels_last"])
     steps, floors = [], []
     for _ in range(preset["rounds"]):
         floors.append(_time_steps(floor, images, labels, preset))

@@ -141,6 +141,8 @@ class SSLModule(pl.LightningModule):
     method_name: str = ""
     base_defaults: ClassVar[dict[str, Any]] = {}
     """A method's own defaults for base arguments (CPC: layer norm, AdamW at 2e-4); ``--help`` shows them."""
+    uses_backbone: ClassVar[bool] = True
+    """False for a method with no trunk of its own choice (a flow): tools then leave ``backbone`` alone."""
     validates: ClassVar[bool] = False
     """Whether the method's own ``validation_step`` logs something (a VAE's ``val/bits_per_dim``), so the
     driver runs the val loop even without the online probe."""

@@ -124,6 +124,7 @@ class Flow(SSLModule):
         num_samples: images in the sample grid (0: none).
     """
 
+    uses_backbone = False
     validates = True  # val/bits_per_dim on the held-out split every epoch, with or without the probe
     base_defaults = {
         "backbone": "convnet_small", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "crop_scale": 1.0
