@@ -31,11 +31,12 @@ import os
 import platform
 import shutil
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 SUPERVISED = "supervised (same backbone, from scratch)"
 KS = (1, 10, 100, None)
@@ -58,6 +59,20 @@ PRESETS: dict[str, dict] = {
 }
 # Per-image cost differs by method (CPC encodes 49 patches an image): batch sizes that fit a CPU step.
 CPU_BATCH = {"cpc": 32, "jigsaw": 64, "relative_position": 64, "multitask": 64}
+
+
+def find_data(path: str | None) -> Path | None:
+    """The CIFAR-10 ImageNet-layout root: given, or extracted once from the shared archive."""
+    if path:
+        return Path(path)
+    if not ARCHIVE.is_file():
+        return None
+    dest = Path(os.environ.get("SELFSUP_CACHE", Path.home() / ".cache" / "selfsup")) / "cifar10-jpeg"
+    if not (dest / "cifar10" / "test").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(ARCHIVE) as tar:
+            tar.extractall(dest, filter="data")
+    return dest / "cifar10"
 
 
 def method_config(method: str, preset: dict, data: str, work: Path) -> dict:
@@ -270,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data = args.data or preset["data"]
     if data is None:
-        from pretrain_quality import find_data
-
         found = find_data(None)
         if found is None:
             print("skipped: CIFAR-10 not found (../shared/data/cifar10-jpeg.tar.gz is absent and no --data given)")

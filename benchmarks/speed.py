@@ -184,7 +184,7 @@ def data_speed(data: Path, preset: dict, workers: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pretrain_quality import find_data  # the shared CIFAR-10 archive, extracted once
+    from quality import find_data  # the shared CIFAR-10 archive, extracted once
 
     import selfsup  # noqa: F401  (registers every method)
     from selfsup.quiet import quiet_lightning
