@@ -11,4 +11,25 @@ from selfsup.ssl.backbone import BACKBONES, Backbone
 from selfsup.ssl.module import METHODS, SSLModule, load_encoder
 
 __version__ = "0.1.0"
-__all__ = ["BACKBONES", "METHODS", "Backbone", "SSLModule", "extract_features", "load_encoder", "__version__"]
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods (what ``selfsup pretrain --method`` takes)."""
+    return sorted(METHODS)
+
+
+def list_backbones(timm_filter: str | None = None) -> list[str]:
+    """The built-in small nets, or with ``timm_filter`` (a wildcard like ``"resnet*"``) timm's models too.
+
+    Any timm model name works as a backbone (built with ``pretrained=False``; nothing is downloaded).
+    """
+    names = sorted(BACKBONES)
+    if timm_filter is not None:
+        import timm
+
+        names += [n for n in timm.list_models(timm_filter) if n not in names]
+    return names
+
+
+__all__ = ["BACKBONES", "METHODS", "Backbone", "SSLModule", "extract_features", "list_backbones", "list_methods",
+           "load_encoder", "__version__"]

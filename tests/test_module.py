@@ -137,3 +137,38 @@ def test_channels_last_changes_layout_not_results():
     assert m.augment(x).is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(m.loss((x, None))["loss"], ref.loss((x, None))["loss"])
+
+
+def test_load_encoder_from_run_dir_export_and_checkpoint(tmp_path):
+    import os
+
+    from selfsup.train import pretrain
+
+    cfg = {"model": {"backbone": "convnet_small"}, "data": {"data": "digits", "image_size": 16, "batch_size": 64},
+           "trainer": {"max_steps": 2}, "output": str(tmp_path), "name": "r", "online_probe": False}
+    run = pretrain(cfg).run_dir
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        want = selfsup.load_encoder(run / "export")(x)
+        ckpt = run / "checkpoints" / "last.ckpt"
+        for src in (run, ckpt):
+            enc = selfsup.load_encoder(src)
+            assert enc.config["method"] == "rotation" and not enc.training
+            torch.testing.assert_close(enc(x), want, rtol=0, atol=0)
+        (run / "export" / "config.json").unlink()  # an unfinished run: its newest checkpoint
+        torch.testing.assert_close(selfsup.load_encoder(run)(x), want, rtol=0, atol=0)
+    # the checkpoint names its method itself: no config.yaml needed
+    lone = tmp_path / "lone.ckpt"
+    os.link(ckpt, lone)
+    assert selfsup.load_encoder(lone).config["method"] == "rotation"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "x": Exception("pickled object")}, evil)
+    with pytest.raises(ConfigError, match="not a readable selfsup checkpoint"):
+        selfsup.load_encoder(evil)
+
+
+def test_list_methods_and_backbones():
+    assert selfsup.list_methods() == sorted(selfsup.METHODS) and "rotation" in selfsup.list_methods()
+    assert {"convnet_small", "cifar_resnet18"} <= set(selfsup.list_backbones())
+    timm_names = selfsup.list_backbones("resnet1*")
+    assert "resnet18" in timm_names and "convnet_small" in timm_names

@@ -205,6 +205,9 @@ class SSLModule(pl.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     # -- shared Lightning plumbing ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_METHOD_KEY] = self.method_name
+
     def on_fit_start(self) -> None:
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
@@ -289,6 +292,9 @@ class SSLModule(pl.LightningModule):
         return directory
 
 
+CHECKPOINT_METHOD_KEY = "selfsup_method"
+"""Where a checkpoint names its method, so :func:`load_encoder` can rebuild it from the file alone."""
+
 INTERNAL_ARGUMENTS = frozenset({"in_chans"})
 """Base arguments a method sets itself; never options of the user."""
 
@@ -339,20 +345,34 @@ def _jsonable(d: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-def load_encoder(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild an exported encoder from ``encoder.safetensors`` + ``config.json`` alone (no pickle).
+def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a pretrained encoder from an export directory, a run directory or a Lightning checkpoint.
 
-    The returned module is in eval mode, maps RGB images ``(B, 3, H, W)`` in [0, 1] (or uint8)
-    to features ``(B, num_features)``, and has ``num_features`` and ``config`` attributes.
+    Never executes pickled code: an export is ``encoder.safetensors`` + ``config.json``; a checkpoint
+    is read with ``torch.load(weights_only=True)``. A run directory gives its ``export/`` when the run
+    finished, else its newest checkpoint. The returned module is in eval mode, maps RGB images
+    ``(B, 3, H, W)`` in [0, 1] (or uint8) to features ``(B, num_features)``, and has ``num_features``
+    and ``config`` attributes.
 
-    >>> enc = load_encoder("runs/rotation/export")  # doctest: +SKIP
+    >>> enc = load_encoder("runs/rotation")  # doctest: +SKIP
     >>> feats = enc(images)  # doctest: +SKIP
     """
-    directory = Path(directory)
-    cfg_path, weights = directory / "config.json", directory / "encoder.safetensors"
+    path = Path(path)
+    if path.is_file() and path.suffix == ".ckpt":
+        return _encoder_from_checkpoint(path, map_location)
+    if (path / "export" / "config.json").is_file():
+        path = path / "export"
+    elif path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        ckpts = sorted((path / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if ckpts:
+            return _encoder_from_checkpoint(ckpts[-1], map_location)
+    cfg_path, weights = path / "config.json", path / "encoder.safetensors"
     for p in (cfg_path, weights):
         if not p.is_file():
-            raise ConfigError(f"{p} not found: expected an export directory written by SSLModule.export")
+            raise ConfigError(
+                f"{p} not found: expected an export directory (written by SSLModule.export), a run directory "
+                "(runs/<name>) or a .ckpt file"
+            )
     config = json.loads(cfg_path.read_text())
     if config.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"{cfg_path}: unsupported export format {config.get('format')!r}")
@@ -360,4 +380,32 @@ def load_encoder(directory: str | Path, map_location: str | torch.device = "cpu"
     enc = model.encoder()
     enc.load_state_dict(load_file(str(weights), device=str(map_location)), strict=True)
     enc.config = config
+    return enc.to(map_location).eval()
+
+
+def _encoder_from_checkpoint(path: Path, map_location) -> nn.Module:
+    """The encoder of a Lightning checkpoint of an :class:`SSLModule`, read without unpickling code."""
+    import yaml
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign, or holding objects weights_only refuses
+        raise ConfigError(f"{path}: not a readable selfsup checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ConfigError(f"{path}: not a Lightning checkpoint of a selfsup method (no state_dict/hyper_parameters)")
+    run_cfg_path = path.parent.parent / "config.yaml"
+    run_cfg = yaml.safe_load(run_cfg_path.read_text()) if run_cfg_path.is_file() else {}
+    method = ckpt.get(CHECKPOINT_METHOD_KEY) or (run_cfg or {}).get("method")
+    if not method:
+        raise ConfigError(f"{path}: the checkpoint does not name its method and no config.yaml is beside its run")
+    hparams = dict(ckpt["hyper_parameters"])
+    model = build_method(method, hparams, where=str(path))
+    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing:
+        raise ConfigError(f"{path}: weights do not match the {method} model ({len(missing)} missing, e.g. {missing[0]})")
+    enc = model.encoder()
+    data = (run_cfg or {}).get("data", {}).get("data")
+    enc.config = {"format": EXPORT_FORMAT, "method": method, "hparams": _jsonable(hparams),
+                  "num_features": int(enc.num_features), "data": {"data": data} if data else None,
+                  "checkpoint": str(path), "global_step": ckpt.get("global_step")}
     return enc.to(map_location).eval()
