@@ -192,3 +192,21 @@ def test_probe_is_the_same_with_one_or_two_threads():
     assert one["weight_decay"] == two["weight_decay"]
     assert abs(one["top1"] - two["top1"]) <= 0.1  # stated tolerance: 2 of 2000 test images
     assert [p["weight_decay"] for p in one["val_curve"]] == [p["weight_decay"] for p in two["val_curve"]]
+
+
+def test_rows_float16_memmap_and_streaming_give_the_resident_result(tmp_path):
+    """A label subset given as row indices of a float16 memory map, streamed chunk by chunk, probes like
+    the gathered float32 rows held in memory."""
+    tx, ty, vx, vy = many_classes(20, 1200, 24, seed=5)
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float16, shape=tx.shape)
+    mm[:] = tx
+    mm.flush()
+    x16 = np.load(tmp_path / "x.npy", mmap_mode="r")
+    rows = np.flatnonzero(np.arange(len(ty)) % 3 != 0)
+    ref = linear_probe(x16[rows].astype(np.float32), ty[rows], vx, vy)
+    streamed = linear_probe(x16, ty, vx, vy, train_rows=rows, resident_bytes=0)
+    assert streamed["feature_dtype"] == "float16" and streamed["n_train"] == len(rows)
+    assert streamed["weight_decay"] == ref["weight_decay"]
+    assert abs(streamed["top1"] - ref["top1"]) <= 0.5
+    for a, b in zip(streamed["val_curve"], ref["val_curve"], strict=True):
+        assert abs(a["val_loss"] - b["val_loss"]) <= 1e-3 * b["val_loss"]
