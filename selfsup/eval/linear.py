@@ -17,9 +17,9 @@ features live there or ``device="cuda"``.
 Scale: the objective and its gradient are accumulated over row chunks (float64 sums across chunks), so
 no (N, C) logit or one-hot array and no second copy of the training features is ever made: features are
 read in their stored dtype (a float16 cache stays float16) from wherever they live (a memory map
-included), standardised and converted chunk by chunk. A training set small enough (``resident_bytes``:
-256 MiB on the CPU, 60% of the free memory on a GPU) is copied once, standardised, to the fitting
-device. L-BFGS stops when the largest gradient entry falls below ``tol`` times its value at ``W = 0``, a
+included), standardised and converted chunk by chunk. A training set small enough (twice its float32
+size within ``resident_bytes``: 256 MiB on the CPU, 60% of the free memory on a GPU) is copied once,
+standardised, to the fitting device. L-BFGS stops when the largest gradient entry falls below ``tol`` times its value at ``W = 0``, a
 scale-free rule (gradients shrink about as 1/C, so an absolute threshold under-fits at 1000 classes),
 and every fit takes at least ``min_iter`` iterations, so a warm start cannot stall.
 
@@ -50,7 +50,7 @@ DEFAULT_WEIGHT_DECAY = 1e-3
 """L2 strength used when no hold-out is possible (a class with fewer than 2 training labels)."""
 
 CPU_RESIDENT_BYTES = 2**28
-"""On the CPU, training rows up to this size (float32) are copied once, standardised; larger ones are streamed."""
+"""CPU memory for a standardised float32 copy of small training sets (the rows and their hold-out parts)."""
 
 _CHUNK_FLOATS = 2**24
 """Floats in one chunk's (rows x max(D, C)) block: 64 MiB on the CPU (4x that on a GPU)."""
@@ -383,7 +383,8 @@ def _prepare_rows(
     enough (``resident_bytes``), else the stored rows streamed chunk by chunk."""
     n, d = (x.shape[0] if rows is None else rows.numel()), x.shape[1]
     chunk = _chunk_rows(d, num_classes, device)
-    if stats is not None and n * d * 4 <= _resident_budget(device, resident_bytes):
+    # twice the copy: the hold-out search takes its fit and held-out parts as copies of the resident set
+    if stats is not None and 2 * n * d * 4 <= _resident_budget(device, resident_bytes):
         xs = torch.cat([_standardise(b.to(device).float(), *stats) for b in _row_blocks(x, rows, chunk)])
         return _Rows(xs, y.to(device), None, None, device, chunk)
     return _Rows(x, y.to(device), rows, stats, device, chunk)
@@ -720,8 +721,9 @@ def linear_probe(
         max_iter: L-BFGS iterations per fit.
         device: where to fit; the features' device when None.
         batch_size: mini-batch fit with this batch size (Adam, ``epochs`` passes) instead of L-BFGS.
-        resident_bytes: largest (n x D float32) training set copied, standardised, to ``device``; larger
-            ones are streamed chunk by chunk. None: 256 MiB on the CPU, 60% of free memory on a GPU.
+        resident_bytes: memory for a standardised float32 copy of the training rows on ``device`` (and its
+            hold-out parts: twice the rows' size); larger sets are streamed chunk by chunk. None: 256 MiB on
+            the CPU, 60% of free memory on a GPU.
         epochs: passes of the mini-batch fit.
         lr: peak learning rate of the mini-batch fit (cosine-decayed to 0).
         default_weight_decay: strength used when no hold-out is possible.
