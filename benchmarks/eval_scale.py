@@ -44,20 +44,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PRESETS = {
-    "ci": {"sizes": [2000], "dim": 64, "classes": 10, "test": 500, "device": "cpu", "max_iter": 500,
+    "ci": {"sizes": [2000], "dim": 64, "classes": 10, "sep": 0.4, "test": 500, "device": "cpu", "max_iter": 500,
            "grid": None, "tasks": ["probe", "knn", "sweep"], "dtype": "float32"},
-    "cpu": {"sizes": [50_000, 200_000], "dim": 2048, "classes": 1000, "test": 1000, "device": "cpu",
+    "cpu": {"sizes": [50_000, 200_000], "dim": 2048, "classes": 1000, "sep": 0.3, "test": 1000, "device": "cpu",
             "max_iter": 3, "grid": [1e-4], "tasks": ["probe", "knn", "sweep"], "dtype": "float32"},
-    "gpu": {"sizes": [50_000, 200_000, 500_000, 1_281_167], "dim": 2048, "classes": 1000, "test": 50_000,
+    "gpu": {"sizes": [50_000, 200_000, 500_000, 1_281_167], "dim": 2048, "classes": 1000, "sep": 0.3, "test": 50_000,
             "device": "cuda", "max_iter": 500, "grid": None, "tasks": ["probe", "knn", "sweep"],
             "dtype": "float32"},
 }
 
 
-def write_features(path: Path, n: int, d: int, c: int, dtype: str, seed: int) -> None:
-    """Write n rows of Gaussian-class features to a memory-mapped .npy file, 16k rows at a time, and labels."""
+def write_features(path: Path, n: int, d: int, c: int, dtype: str, seed: int, sep: float = 0.3) -> None:
+    """Write n rows of Gaussian-class features to a memory-mapped .npy file, 16k rows at a time, and labels.
+
+    Class means are N(0, sep^2) per dimension, noise N(0, 1): ``sep`` sets how hard the task is.
+    """
     rng = np.random.default_rng(seed)
-    means = np.random.default_rng(12345).normal(size=(c, d)).astype(np.float32) * (3.0 / np.sqrt(d))
+    means = np.random.default_rng(12345).normal(size=(c, d)).astype(np.float32) * sep
     x = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=(n, d))
     y = np.arange(n, dtype=np.int64) % c
     rng.shuffle(y)
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", type=int, help="test rows")
     p.add_argument("--device", help="cpu or cuda (default: the preset's)")
     p.add_argument("--dtype", choices=["float32", "float16"])
+    p.add_argument("--sep", type=float, help="class-mean scale (noise has unit variance)")
     p.add_argument("--max-iter", type=int)
     p.add_argument("--grid", help="comma-separated L2 strengths (default: the probe's)")
     p.add_argument("--tasks", help="comma-separated: probe,knn,sweep")
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     cfg = dict(PRESETS[args.preset])
-    for key in ("dim", "classes", "test", "device", "dtype", "max_iter"):
+    for key in ("dim", "classes", "test", "device", "dtype", "max_iter", "sep"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.sizes:
@@ -190,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         test = tmp / "test.npy"
-        write_features(test, cfg["test"], cfg["dim"], cfg["classes"], cfg["dtype"], seed=1)
+        write_features(test, cfg["test"], cfg["dim"], cfg["classes"], cfg["dtype"], seed=1, sep=cfg["sep"])
         for n in cfg["sizes"]:
             train = tmp / f"train_{n}.npy"
             t = time.perf_counter()
-            write_features(train, n, cfg["dim"], cfg["classes"], cfg["dtype"], seed=0)
+            write_features(train, n, cfg["dim"], cfg["classes"], cfg["dtype"], seed=0, sep=cfg["sep"])
             file_mib = train.stat().st_size / 2**20
             print(f"N={n}: wrote {file_mib:.0f} MiB in {time.perf_counter() - t:.0f} s", flush=True)
             for task in cfg["tasks"]:
