@@ -172,8 +172,8 @@ def build_eval_parsers(sub) -> None:
                         help="skip the random-init and raw-pixel baselines")
     common.add_argument("--output", help="results directory (default: <run>/eval)")
     common.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
-    common.add_argument("--devices", type=_devices, default=1, help="devices for extraction (DDP when > 1)")
-    common.add_argument("--num-nodes", type=int, default=1, help="nodes for extraction")
+    common.add_argument("--devices", type=_devices, default=1, help="devices for extraction and, with --strategy ddp, for the sweep's fits (DDP when > 1)")
+    common.add_argument("--num-nodes", type=int, default=1, help="nodes for extraction (and the sweep's fits under ddp)")
     common.add_argument("--strategy", default="auto",
                         help="Lightning strategy for extraction (ddp for several devices; a sweep then spreads its fits over them)")
     common.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -209,7 +209,12 @@ def _eval_world(args: argparse.Namespace) -> int:
     if args.strategy != "ddp":
         return 1
     devices = args.devices
-    per_node = len(devices) if isinstance(devices, list) else (1 if devices == "auto" else int(devices))
+    if devices == "auto":
+        import torch
+
+        per_node = max(1, torch.cuda.device_count()) if args.accelerator != "cpu" else 1
+    else:
+        per_node = len(devices) if isinstance(devices, list) else int(devices)
     return per_node * args.num_nodes
 
 
