@@ -172,9 +172,12 @@ def build_eval_parsers(sub) -> None:
                         help="skip the random-init and raw-pixel baselines")
     common.add_argument("--output", help="results directory (default: <run>/eval)")
     common.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
-    common.add_argument("--devices", type=_devices, default=1, help="devices for extraction (DDP when > 1)")
-    common.add_argument("--num-nodes", type=int, default=1, help="nodes for extraction")
-    common.add_argument("--strategy", default="auto", help="Lightning strategy for extraction (ddp for several devices)")
+    common.add_argument("--devices", type=_devices, default=1, help="devices for extraction and, with --strategy ddp, for the sweep's fits (DDP when > 1)")
+    common.add_argument("--num-nodes", type=int, default=1, help="nodes for extraction (and the sweep's fits under ddp)")
+    common.add_argument("--strategy", default="auto",
+                        help="Lightning strategy for extraction (ddp for several devices; a sweep then spreads its fits over them)")
+    common.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the probe, kNN and sweep fits run (default: auto, cuda when torch sees a GPU)")
     sub.add_parser("features", parents=[common], help="extract and cache features of the train and test splits",
                    description="Extract features once (frozen encoder, eval mode, no augmentation) and cache them.")
     sub.add_parser("probe", parents=[common], help="linear probe on cached features, with baselines",
@@ -190,6 +193,9 @@ def build_eval_parsers(sub) -> None:
     p.add_argument("--ks", type=_int_list, default=[1, 2, 5, 10, 20, 50, 100, None],
                    help="labels per class, 'all' for every label (default: 1,2,5,10,20,50,100,all)")
     p.add_argument("--percents", type=_float_list, default=[], help="percent of labels, e.g. 1,10,100")
+    p.add_argument("--subset-file", dest="subset_files", action="append", default=[], metavar="FILE",
+                   help="a standard subset: one image file name or relative path per line (e.g. SimCLR's ImageNet "
+                   "1percent.txt / 10percent.txt; not shipped); repeatable")
     p.add_argument("--seeds", type=int, default=3, help="subset seeds (default: 3)")
     p.add_argument("--methods", default="linear,knn", help="linear, knn or both (default: linear,knn)")
     p.add_argument("--finetune", action="store_true", help="also fine-tune the whole encoder on each subset (slow)")
@@ -257,9 +263,57 @@ def _run_view(args: argparse.Namespace) -> None:
     print(f"{args.kind}: {viz.save(fig, out)}")
 
 
+def _eval_world(args: argparse.Namespace) -> int:
+    """How many processes a ``--devices N --num-nodes M --strategy ddp`` evaluation runs."""
+    if args.strategy != "ddp":
+        return 1
+    devices = args.devices
+    if devices == "auto":
+        import torch
+
+        per_node = max(1, torch.cuda.device_count()) if args.accelerator != "cpu" else 1
+    else:
+        per_node = len(devices) if isinstance(devices, list) else int(devices)
+    return per_node * args.num_nodes
+
+
+def _launch_ranks(args: argparse.Namespace):
+    """Start the sweep's ranks (Lightning Fabric re-runs this command line per rank) and return the Fabric."""
+    from lightning_fabric import Fabric
+
+    fabric = Fabric(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy="ddp")
+    fabric.launch()
+    return fabric
+
+
+def _gather_dicts(local: dict) -> dict:
+    import torch.distributed as dist
+
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
 def _run_eval(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+
+    from selfsup.errors import ConfigError
     from selfsup.eval import harness
 
+    started = time.perf_counter()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was given, but torch sees no CUDA GPU here")
+    fabric = None
+    if args.command == "sweep" and _eval_world(args) > 1:
+        fabric = _launch_ranks(args)  # every rank extracts its share, then runs its share of the fits
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and fabric is not None:
+        device = f"cuda:{fabric.local_rank}"
     src = harness.resolve_source(args.source, args.random_init, args.output)
     trainer_kwargs = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes,
                       "strategy": args.strategy}
@@ -267,21 +321,28 @@ def _run_eval(args: argparse.Namespace) -> None:
                          batch_size=args.batch_size, trainer_kwargs=trainer_kwargs)
     from selfsup.train import is_launcher_rank_zero
 
+    if args.command == "sweep":
+        shard = None if fabric is None else (fabric.global_rank, fabric.world_size)
+        paths = harness.sweep(ev, src, ks=args.ks, percents=args.percents, seeds=list(range(args.seeds)),
+                              methods=args.methods.split(","), finetune=args.finetune, supervised=args.supervised,
+                              finetune_steps=args.finetune_steps, subset_files=args.subset_files, device=device,
+                              shard=shard, gather=None if fabric is None else _gather_dicts, started=started)
+        if paths is not None:
+            print(f"results: {paths[0]}  plot: {paths[1]}")
+        return
     if not is_launcher_rank_zero():  # extraction was distributed; probes run once, on rank 0
         return
     if args.command == "features":
         for name, (train, test) in ev.features.items():
             print(f"{name}: train {tuple(train.x.shape)} -> {train.path}; test {tuple(test.x.shape)} -> {test.path}")
-    elif args.command in ("probe", "knn"):
-        kw = {"k": args.k, "temperature": args.temperature} if args.command == "knn" else {}
-        rows = harness.evaluate(ev, args.command, **kw)
-        path = harness.report(ev, args.command, rows, src.results_dir, extra=kw)
-        print(f"results: {path}")
     else:
-        paths = harness.sweep(ev, src, ks=args.ks, percents=args.percents, seeds=list(range(args.seeds)),
-                              methods=args.methods.split(","), finetune=args.finetune, supervised=args.supervised,
-                              finetune_steps=args.finetune_steps)
-        print(f"results: {paths[0]}  plot: {paths[1]}")
+        kw = {"k": args.k, "temperature": args.temperature} if args.command == "knn" else {}
+        rows = harness.evaluate(ev, args.command, device=device, **kw)
+        settings = {**kw, **({"linear_probe": harness.probe_settings()} if args.command == "probe" else {})}
+        extra = {**kw, "provenance": harness.provenance(ev, src, started, device, 1, settings)}
+        path = harness.report(ev, args.command, rows, src.results_dir, extra=extra,
+                              name=harness.result_name(args.command, **kw))
+        print(f"results: {path}")
 
 
 def _pretrain_config(args: argparse.Namespace) -> tuple[dict, bool]:

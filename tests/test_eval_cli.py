@@ -20,10 +20,22 @@ def run_dir(tmp_path_factory):
 
 
 def test_probe_and_knn_report_the_encoder_beside_its_baselines(run_dir):
-    for cmd in ("probe", "knn"):
-        r = run_cli(cmd, str(run_dir), cwd=run_dir.parent)
+    for cmd, file in (("probe", "probe.json"), ("knn", "knn_k20.json")):
+        r = run_cli(cmd, str(run_dir), "--device", "cpu", cwd=run_dir.parent)
         assert r.returncode == 0, r.stderr[-3000:]
-        res = json.loads((run_dir / "eval" / f"{cmd}.json").read_text())
+        res = json.loads((run_dir / "eval" / file).read_text())
+        prov = res["provenance"]
+        assert prov["encoder"]["method"] == "rotation" and len(prov["encoder"]["hash"]) == 64
+        assert prov["data"]["n_train"] == 1437 and prov["data"]["image_size"] == "16" and prov["data"]["transform"]
+        assert prov["features"]["dtype"] == "float32" and prov["hardware"]["device"] == "cpu"
+        assert prov["hardware"]["world_size"] == 1 and prov["software"]["torch"] and prov["wall_seconds"] > 0
+        row = res["results"]["rotation (tiny)"]
+        assert row["encoder_hash"] == prov["encoder"]["hash"]
+        if cmd == "probe":
+            assert row["fit"]["solver"] == "lbfgs" and row["fit"]["converged"] and row["fit"]["iterations"] >= 5
+            assert prov["settings"]["linear_probe"]["weight_decays"][0] == 1e-6
+        else:
+            assert row["k"] == 20 and row["temperature"] is None and row["backend"] == "faiss"
         assert res["data"] == "digits"
         names = list(res["results"])
         assert names[0] == "rotation (tiny)" and names[1].startswith("random init") and names[2] == "pixels"
@@ -31,6 +43,10 @@ def test_probe_and_knn_report_the_encoder_beside_its_baselines(run_dir):
         assert res["results"]["pixels"]["features"] == 3 * 16 * 16
     # the features were cached under the run: one file per encoder and split
     assert len(list((run_dir / "features").glob("*.safetensors"))) == 6
+    # another k writes its own file: the first result is kept
+    r = run_cli("knn", str(run_dir), "--k", "5", "--temperature", "0.07", "--no-baselines", cwd=run_dir.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run_dir / "eval" / "knn_k5_t0.07.json").is_file() and (run_dir / "eval" / "knn_k20.json").is_file()
 
 
 def test_features_command_reuses_the_cache(run_dir):
@@ -45,6 +61,11 @@ def test_sweep_writes_json_png_and_supervised_and_finetune_lines(run_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((run_dir / "eval" / "sweep.json").read_text())
     assert [b["name"] for b in res["budgets"]] == ["k=1", "k=5", "all"]
+    prov = res["provenance"]
+    assert prov["settings"]["seeds"] == [0, 1] and prov["data"]["fingerprint"] and prov["encoder"]["hash"]
+    assert res["features"]["pixels"]["feature_dtype"] == "float32"
+    run = res["results"]["rotation (tiny)"]["linear"][0]["runs"][0]
+    assert run["solver"] == "lbfgs" and run["converged"] and run["iterations"] >= 5
     assert set(res["results"]["rotation (tiny)"]) == {"linear", "knn", "finetune"}
     assert set(res["results"]["supervised (same backbone, from scratch)"]) == {"finetune"}
     assert set(res["results"]["pixels"]) == {"linear", "knn"}
@@ -57,7 +78,7 @@ def test_random_init_source(tmp_path):
     r = run_cli("knn", "--random-init", "convnet_small", "--data", "digits", "--image-size", "16",
                 "--output", str(tmp_path / "rnd"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((tmp_path / "rnd" / "knn.json").read_text())
+    res = json.loads((tmp_path / "rnd" / "knn_k20.json").read_text())
     assert list(res["results"]) == ["random-init convnet_small", "pixels"]
 
 
@@ -75,8 +96,35 @@ def test_distributed_extraction_through_the_cli(tmp_path):
                 "--strategy", "ddp", "--accelerator", "cpu", "--output", str(tmp_path / "ddp"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("results:") == 1  # the probes ran once, on rank 0
-    res = json.loads((tmp_path / "ddp" / "knn.json").read_text())
+    res = json.loads((tmp_path / "ddp" / "knn_k20.json").read_text())
     single = run_cli("knn", "--random-init", "convnet_small", "--data", "digits", "--image-size", "16",
                      "--output", str(tmp_path / "one"), cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
-    assert json.loads((tmp_path / "one" / "knn.json").read_text())["results"] == res["results"]
+    one = json.loads((tmp_path / "one" / "knn_k20.json").read_text())["results"]
+    assert strip_seconds(one) == strip_seconds(res["results"])
+
+
+def strip_seconds(obj):
+    if isinstance(obj, dict):
+        return {k: strip_seconds(v) for k, v in obj.items() if k not in ("seconds", "wall_seconds")}
+    if isinstance(obj, list):
+        return [strip_seconds(v) for v in obj]
+    return obj
+
+
+def test_sweep_fits_spread_over_two_ddp_processes_equal_one_process(tmp_path, monkeypatch):
+    # one BLAS thread per process in both runs (Lightning gives each DDP rank one on 2 cores): the L-BFGS
+    # iteration counts are then equal too, not only the accuracies and chosen strengths
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    common = ("sweep", "--random-init", "convnet_small", "--data", "digits", "--image-size", "8", "--ks", "1,all",
+              "--seeds", "2", "--no-baselines", "--device", "cpu")
+    r = run_cli(*common, "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
+                "--output", str(tmp_path / "ddp"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("results:") == 1  # written once, by rank 0
+    ddp = json.loads((tmp_path / "ddp" / "sweep.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["provenance"]["hardware"]["world_size"] == 2
+    single = run_cli(*common, "--output", str(tmp_path / "one"), cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "sweep.json").read_text())
+    assert strip_seconds(one["results"]) == strip_seconds(ddp["results"])

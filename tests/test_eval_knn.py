@@ -103,3 +103,21 @@ def test_bad_input_errors():
         knn_classify(tx, ty, vx, vy, temperature=0.0)
     with pytest.raises(ConfigError, match="backend"):
         knn_classify(tx, ty, vx, vy, backend="annoy")
+
+
+def test_streamed_chunks_rows_and_float16_equal_brute_force(monkeypatch):
+    """The training rows streamed in 3-row chunks (heaps merged), a row subset, float16 storage."""
+    import selfsup.eval.knn as knn
+
+    tx, ty, vx, vy = random_split(n_train=100, n_test=40)
+    rows = np.arange(0, 100, 2)
+    ref = brute_force_ranking(tx[rows], ty[rows], vx, 7, None, 7)
+    monkeypatch.setattr(knn, "_DB_FLOATS", 3 * tx.shape[1])
+    for backend in ("faiss", "torch"):
+        scores, classes = knn_scores(tx, ty, vx, 7, num_classes=7, backend=backend, train_rows=rows)
+        np.testing.assert_array_equal(classes[scores.argmax(1)].numpy(), ref[:, 0])
+    half = tx.astype(np.float16)
+    ref16 = brute_force_ranking(half.astype(np.float32), ty, vx, 5, 0.07, 7)
+    res = knn_classify(half, ty, vx, vy, 5, 0.07, num_classes=7, backend="torch")
+    assert res["feature_dtype"] == "float16"
+    assert res["top1"] == pytest.approx(100 * (ref16[:, 0] == vy).mean())

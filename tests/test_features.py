@@ -81,3 +81,48 @@ def test_ddp_extraction_with_two_processes_equals_single_process(tmp_path):
                               batch_size=50, progress=False)
     ddp = np.load(tmp_path / "ddp.npy")
     np.testing.assert_array_equal(ddp, np.asarray(single.x))
+
+
+def _tiny_folder(root, n_per_class=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n_per_class):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / split / c / f"{c}_{i}.png")
+
+
+def test_sample_keys_and_fingerprint_do_not_depend_on_where_the_data_lives(tmp_path):
+    from selfsup.eval.features import data_fingerprint, sample_keys
+
+    _tiny_folder(tmp_path / "a" / "imgs")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "imgs").rename(tmp_path / "b" / "moved")
+    _tiny_folder(tmp_path / "a" / "imgs")  # the same images again, at the first place
+    one = load_dataset(str(tmp_path / "a" / "imgs"), "train", cache_dir=tmp_path / "cache")
+    two = load_dataset(str(tmp_path / "b" / "moved"), "train", cache_dir=tmp_path / "cache")
+    keys = sample_keys(one)
+    assert sorted(keys) == sorted(f"train/{c}/{c}_{i}.png" for c in ("cat", "dog") for i in range(3))
+    assert sorted(sample_keys(two)) == sorted(keys)
+    assert data_fingerprint(one, keys) == data_fingerprint(two, sample_keys(two))
+    assert sample_keys(load_dataset("digits", "val", image_size=8)) is None
+
+
+@pytest.mark.slow
+def test_sweep_cli_with_a_subset_file(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    _tiny_folder(tmp_path / "imgs", n_per_class=4)
+    (tmp_path / "list.txt").write_text("cat_1.png\ndog/dog_2.png\ncat_3.png\ndog_0.png\n")
+    r = run_cli("sweep", "--random-init", "convnet_small", "--data", str(tmp_path / "imgs"), "--ks", "2",
+                "--subset-file", str(tmp_path / "list.txt"), "--seeds", "1", "--methods", "knn", "--no-baselines",
+                "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [b["name"] for b in res["budgets"]] == ["k=2", "file:list.txt"]
+    assert res["budgets"][1]["n_labels"] == 4 and res["dataset"] == "folder"
+    assert res["provenance"]["data"]["subsets_keyed_by"] == "relative image paths"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from selfsup.errors import ConfigError
-from selfsup.eval.label_efficiency import SCHEMA, label_efficiency_sweep, subset_indices
+from selfsup.eval.label_efficiency import SCHEMA, label_efficiency_sweep, subset_from_file, subset_indices
 
 
 @pytest.fixture
@@ -138,3 +138,68 @@ def test_sweep_errors():
         label_efficiency_sweep({"a": (nan, *a[1:])}, progress=False)
     with pytest.raises(ConfigError, match="no label budget"):
         label_efficiency_sweep({"a": a}, ks=(1000,), progress=False)
+
+
+def test_subsets_keyed_by_paths_ignore_row_order_location_and_dataset_key():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 200)
+    paths = [f"train/c{y}/img_{i:04d}.JPEG" for i, y in enumerate(labels)]
+    perm = rng.permutation(200)
+    for k, percent in ((3, None), (None, 10.0)):
+        a = subset_indices(labels, k=k, percent=percent, seed=1, dataset_key="/data/imagenet", keys=paths)
+        b = subset_indices(labels[perm], k=k, percent=percent, seed=1, dataset_key="/mnt/imagenet",
+                           keys=[paths[i] for i in perm])
+        assert {paths[i] for i in a} == {paths[perm[i]] for i in b}
+    other_seed = subset_indices(labels, k=3, seed=2, keys=paths)
+    assert set(other_seed) != set(subset_indices(labels, k=3, seed=1, keys=paths))
+    nested = [set(subset_indices(labels, k=k, seed=0, keys=paths)) for k in (1, 3, 9)]
+    assert nested[0] <= nested[1] <= nested[2]
+    with pytest.raises(ConfigError, match="one key per label"):
+        subset_indices(labels, k=1, keys=paths[:-1])
+
+
+def test_subset_file_matches_file_names_and_relative_paths(tmp_path):
+    paths = ["train/n01/n01_1.JPEG", "train/n01/n01_2.JPEG", "train/n02/n02_1.JPEG", "train/n02/n02_2.JPEG"]
+    listing = tmp_path / "1percent.txt"
+    listing.write_text("n01_2.JPEG\n\n# comment\nn02/n02_1.JPEG\n")
+    np.testing.assert_array_equal(subset_from_file(listing, paths), [1, 2])
+    (tmp_path / "bad.txt").write_text("n03_1.JPEG\n")
+    with pytest.raises(ConfigError, match="1 of 1 entries match no image"):
+        subset_from_file(tmp_path / "bad.txt", paths)
+    with pytest.raises(ConfigError, match="several images"):
+        subset_from_file(listing, [*paths, "val/n01/n01_2.JPEG"])
+    tx, ty, vx, vy = blob_features(0)
+    keys = [f"train/c{y}/{i}.png" for i, y in enumerate(ty)]
+    chosen = np.concatenate([np.flatnonzero(ty == c)[:2] for c in range(4)])
+    (tmp_path / "four.txt").write_text("\n".join(keys[i].rsplit("/", 1)[-1] for i in chosen))
+    res = label_efficiency_sweep({"a": (tx, ty, vx, vy)}, ks=(2,), seeds=(0, 1), keys=keys,
+                                 subset_files=[tmp_path / "four.txt"], progress=False)
+    budget = res["budgets"][-1]
+    assert budget["name"] == "file:four.txt" and budget["n_labels"] == 8 and len(budget["sha256"]) == 64
+    assert res["results"]["a"]["knn"][-1]["runs"][0]["k_neighbours"] == 2
+
+
+def test_sharded_sweep_equals_one_process():
+    """Two ranks each run their share of the fits; gathered, the result equals the single-process sweep."""
+    encoders = {"learned": blob_features(1), "random_init": blob_features(2, noise=5.0)}
+    common = dict(ks=(1, 5, None), seeds=(0, 1), dataset_key="toy", progress=False)
+    single = label_efficiency_sweep(encoders, **common)
+    shares = {}
+
+    class Stop(Exception):
+        pass
+
+    def gather_rank1(d):
+        shares[1] = d
+        raise Stop
+
+    with pytest.raises(Stop):
+        label_efficiency_sweep(encoders, shard=(1, 2), gather=gather_rank1, **common)
+    sharded = label_efficiency_sweep(encoders, shard=(0, 2), gather=lambda d: {**d, **shares[1]}, **common)
+    assert shares[1] and len(shares[1]) < 2 * 3 * 2 * 2  # rank 1 did part of the work
+
+    def strip(res):
+        return {name: {m: [[{k: v for k, v in r.items() if k != "seconds"} for r in e["runs"]] for e in entries]
+                       for m, entries in by_method.items()} for name, by_method in res["results"].items()}
+
+    assert strip(sharded) == strip(single)

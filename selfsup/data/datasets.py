@@ -558,7 +558,10 @@ def _load_folder(
     else:
         labels, skipped = _build_cache(scan, size, cache_dir, stem, skip_bad, workers)
     _warn_skipped(skipped, str(scan.split_dir))
-    return ArrayDataset(np.load(images_path, mmap_mode="r"), labels, scan.classes, name)
+    dataset = ArrayDataset(np.load(images_path, mmap_mode="r"), labels, scan.classes, name)
+    gone = set(skipped)
+    dataset.files = [f for f in scan.files if f not in gone]  # each row's file: portable subsets, subset lists
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,6 +46,35 @@ class Features:
         return len(self.y)
 
 
+def sample_keys(dataset) -> list[str] | None:
+    """Each row's image path relative to the data root (``/``-separated), or None for data without files.
+
+    The key of an image does not depend on where the data lives or the order it is listed in, so
+    subsets drawn by key (and subset lists such as ImageNet's 1% / 10% files) are portable.
+    """
+    files = getattr(dataset, "files", None)
+    name = str(getattr(dataset, "name", ""))
+    if files is None or not name.startswith("folder:"):
+        return None
+    root = name[len("folder:"):]
+    return [os.path.relpath(f, root).replace(os.sep, "/") for f in files]
+
+
+def data_fingerprint(dataset, keys: list[str] | None = None) -> str:
+    """A location-free SHA-256 of a split: its kind, size, class names, labels and image keys (relative paths)."""
+    h = hashlib.sha256()
+    name = str(getattr(dataset, "name", type(dataset).__name__))
+    h.update(name.split(":", 1)[0].encode())  # "folder:/data/imagenet" -> "folder": not the location
+    h.update(str(len(dataset)).encode())
+    h.update(json.dumps(list(getattr(dataset, "classes", []))).encode())
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        h.update(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes())
+    for key in keys or ():
+        h.update(key.encode() + b"\n")
+    return h.hexdigest()
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SELFSUP_CACHE", Path.home() / ".cache" / "selfsup")) / "features"
 

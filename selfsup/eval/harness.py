@@ -7,9 +7,13 @@ cache and every probe, kNN and sweep reads them from there.
 
 from __future__ import annotations
 
+import platform
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +22,7 @@ from torch import nn
 
 from selfsup.data.datasets import load_dataset
 from selfsup.errors import ConfigError
-from selfsup.eval.features import Features, extract_features
+from selfsup.eval.features import Features, data_fingerprint, extract_features, sample_keys
 from selfsup.ssl.backbone import Backbone
 from selfsup.ssl.module import METHODS, ImageEncoder, load_encoder
 
@@ -60,6 +64,7 @@ class EncoderSource:
     image_size: int | None
     random_twin: Callable[[], nn.Module]
     meta: dict = field(default_factory=dict)
+    source: str | None = None
 
 
 def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -82,7 +87,7 @@ def resolve_source(source: str | None = None, random_init: str | None = None, ou
     if random_init is not None:
         twin = _seeded(lambda: ImageEncoder(Backbone(random_init)))
         out = Path(output) if output else Path("runs") / f"random-{random_init}" / "eval"
-        return EncoderSource(f"random-init {random_init}", twin(), out, None, None, twin)
+        return EncoderSource(f"random-init {random_init}", twin(), out, None, None, twin, source=f"random-init:{random_init}")
     path = Path(source)
     export = path / "export" if (path / "export" / "config.json").is_file() else path
     if not (export / "config.json").is_file():
@@ -94,7 +99,8 @@ def resolve_source(source: str | None = None, random_init: str | None = None, ou
     twin = _seeded(lambda: METHODS[config["method"]](**config["hparams"]).encoder())
     name = f"{config['method']} ({run_dir.name})"
     results = Path(output) if output else run_dir / "eval"
-    return EncoderSource(name, encoder, results, data_cfg.get("data"), data_cfg.get("image_size"), twin, config)
+    return EncoderSource(name, encoder, results, data_cfg.get("data"), data_cfg.get("image_size"), twin, config,
+                         str(export.resolve()))
 
 
 @dataclass
@@ -105,6 +111,12 @@ class EvalData:
     train: object
     test: object
     features: dict[str, tuple[Features, Features]]
+    keys: list[str] | None = None  # each training image's path relative to the data root (None: no files)
+
+    @property
+    def dataset_key(self) -> str:
+        """The data's name without its location ("folder", "cifar10", "digits"): seeds the subsets."""
+        return str(getattr(self.train, "name", self.spec)).split(":", 1)[0]
 
 
 def prepare(
@@ -133,7 +145,7 @@ def prepare(
     for name, enc in encoders.items():
         kw = dict(batch_size=batch_size, cache_dir=cache, dtype=dtype, progress=progress, **(trainer_kwargs or {}))
         feats[name] = (extract_features(enc, train, "train", **kw), extract_features(enc, test, "val", **kw))
-    return EvalData(spec, train, test, feats)
+    return EvalData(spec, train, test, feats, sample_keys(train))
 
 
 def arrays(pair: tuple[Features, Features]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -155,7 +167,9 @@ def _table(title: str, rows: dict[str, dict], columns: dict[str, str]):
     return table
 
 
-def evaluate(ev: EvalData, kind: str, k: int = 20, temperature: float | None = None) -> dict[str, dict]:
+def evaluate(
+    ev: EvalData, kind: str, k: int = 20, temperature: float | None = None, device: str | None = None
+) -> dict[str, dict]:
     """Linear probe (``kind="probe"``) or kNN (``kind="knn"``) of every encoder on all training labels."""
     from selfsup.eval.knn import knn_classify
     from selfsup.eval.linear import linear_probe
@@ -163,22 +177,88 @@ def evaluate(ev: EvalData, kind: str, k: int = 20, temperature: float | None = N
     rows = {}
     for name, pair in ev.features.items():
         if kind == "probe":
-            res = linear_probe(*arrays(pair))
-            rows[name] = {"top1": res["top1"], "top5": res["top5"], "weight_decay": res["weight_decay"],
-                          "features": int(pair[0].x.shape[1])}
+            res = linear_probe(*arrays(pair), device=device)
+            row = {key: res[key] for key in ("top1", "top5", "weight_decay", "C", "val_top1", "val_curve", "fit",
+                                              "settings", "n_train", "n_val", "n_test", "device", "seconds")}
         else:
-            res = knn_classify(*arrays(pair), k=k, temperature=temperature)
-            rows[name] = {"top1": res["top1"], "top5": res["top5"], "features": int(pair[0].x.shape[1])}
+            res = knn_classify(*arrays(pair), k=k, temperature=temperature, device=device)
+            row = {key: res[key] for key in ("top1", "top5", "k", "temperature", "backend", "n_train", "n_test",
+                                              "device", "seconds")}
+        rows[name] = {**row, "features": int(pair[0].x.shape[1]), **feature_provenance(pair)}
     return rows
 
 
-def report(ev: EvalData, kind: str, rows: dict[str, dict], results_dir: Path, extra: dict | None = None) -> Path:
+def feature_provenance(pair: tuple[Features, Features]) -> dict[str, Any]:
+    """Where an encoder's features came from: its weights' hash, dtype and cache file."""
+    train = pair[0]
+    return {"encoder_hash": train.meta.get("encoder"), "feature_dtype": str(train.x.dtype),
+            "feature_cache": train.path.name}
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def provenance(ev: EvalData, src: EncoderSource, started: float, device: str | None = None,
+               world_size: int = 1, settings: dict | None = None) -> dict[str, Any]:
+    """What a result JSON needs to be reproduced and compared: encoder, data, features, software, hardware."""
+    import selfsup
+
+    train, test = next(iter(ev.features.values()))
+    meta = train.meta
+    dev = device or "cpu"
+    return {
+        "encoder": {"name": src.name, "method": src.meta.get("method", "random-init"), "source": src.source,
+                    "hash": meta.get("encoder"), "config": {k: v for k, v in src.meta.items() if k != "hparams"}},
+        "data": {"spec": ev.spec, "name": ev.dataset_key, "fingerprint": data_fingerprint(ev.train, ev.keys),
+                 "n_train": len(ev.train), "n_test": len(ev.test), "num_classes": len(ev.train.classes),
+                 "image_size": meta.get("image_size"), "transform": meta.get("transform"),
+                 "subsets_keyed_by": "relative image paths" if ev.keys is not None else "dataset name and row order"},
+        "features": {"dtype": meta.get("dtype"), "dim": int(train.x.shape[1])},
+        "settings": settings or {},
+        "software": {"selfsup": selfsup.__version__, "torch": torch.__version__, "faiss": _version("faiss"),
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "hardware": {"device": dev, "device_name": torch.cuda.get_device_name(torch.device(dev))
+                     if dev.startswith("cuda") else platform.processor() or platform.machine(),
+                     "world_size": world_size, "torch_threads": torch.get_num_threads()},
+        "command": ["selfsup", *sys.argv[1:]],
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def probe_settings() -> dict[str, Any]:
+    """The linear probe's defaults, as the CLI runs it (each run also records its solver, iterations, convergence)."""
+    import inspect
+
+    from selfsup.eval.linear import DEFAULT_WEIGHT_DECAYS, linear_probe
+
+    params = inspect.signature(linear_probe).parameters
+    names = ("val_fraction", "max_iter", "patience", "tol", "min_iter", "batch_size", "default_weight_decay")
+    return {"weight_decays": list(DEFAULT_WEIGHT_DECAYS), **{n: params[n].default for n in names},
+            "path_tol": "10 * tol", "tol_rule": "max|grad| <= tol * max|grad at W=0|",
+            "solver": "lbfgs (strong Wolfe), warm-started from the strongest penalty"}
+
+
+def result_name(kind: str, k: int = 20, temperature: float | None = None) -> str:
+    """The JSON file of a result: ``probe.json``, or ``knn_k20.json`` / ``knn_k200_t0.07.json`` (a kNN
+    with other settings never overwrites another's)."""
+    if kind != "knn":
+        return f"{kind}.json"
+    return f"knn_k{k}" + ("" if temperature is None else f"_t{temperature:g}") + ".json"
+
+
+def report(ev: EvalData, kind: str, rows: dict[str, dict], results_dir: Path, extra: dict | None = None,
+           name: str | None = None) -> Path:
     """Print a rich table of ``rows`` and write them as JSON under ``results_dir``."""
     from selfsup.eval.report import make_console, write_json
 
     title = f"{kind} on {ev.spec}: {len(ev.train)} train / {len(ev.test)} test images"
     make_console().print(_table(title, rows, {"top1": "top-1 %", "top5": "top-5 %", "features": "dim"}))
-    return write_json({"kind": kind, "data": ev.spec, **(extra or {}), "results": rows}, results_dir / f"{kind}.json")
+    return write_json({"kind": kind, "data": ev.spec, **(extra or {}), "results": rows},
+                      results_dir / (name or f"{kind}.json"))
 
 
 SUPERVISED = "supervised (same backbone, from scratch)"
@@ -195,19 +275,31 @@ def sweep(
     supervised: bool = False,
     finetune_steps: int = 300,
     progress: bool = True,
-) -> tuple[Path, Path]:
+    subset_files=(),
+    device: str | None = None,
+    shard: tuple[int, int] | None = None,
+    gather: Callable[[dict], dict] | None = None,
+    started: float | None = None,
+) -> tuple[Path, Path] | None:
     """Label-efficiency sweep of every encoder's cached features; JSON, table and PNG under ``src.results_dir``.
 
     ``finetune`` adds end-to-end fine-tuning of the encoder on each subset (method ``finetune``);
-    ``supervised`` adds the same backbone trained from scratch on each subset, as its own line.
+    ``supervised`` adds the same backbone trained from scratch on each subset, as its own line. With
+    ``shard=(rank, world)`` and ``gather`` the probes are spread over the ranks; only rank 0 writes
+    (and returns the paths; other ranks return None).
     """
     from selfsup.eval.finetune import train_classifier
     from selfsup.eval.label_efficiency import label_efficiency_sweep
     from selfsup.eval.report import make_console, plot_sweep, print_sweep_table, write_json
 
+    started = time.perf_counter() if started is None else started
     encoders = {name: arrays(pair) for name, pair in ev.features.items()}
-    common = dict(ks=ks, percents=percents, seeds=seeds, dataset_key=ev.spec, progress=progress)
-    result = label_efficiency_sweep(encoders, methods=methods, **common)
+    rank = 0 if shard is None else shard[0]
+    common = dict(ks=ks, percents=percents, seeds=seeds, dataset_key=ev.dataset_key, progress=progress and rank == 0,
+                  keys=ev.keys, subset_files=subset_files, device=device)
+    result = label_efficiency_sweep(encoders, methods=methods, shard=shard, gather=gather, **common)
+    if rank != 0:
+        return None
     num_classes = len(ev.train.classes)
 
     def trainer_for(build: Callable[[], nn.Module], lr_scale: float):
@@ -228,6 +320,11 @@ def sweep(
         result["results"].setdefault(name, {}).update(res["results"][name])
         if "finetune" not in result["methods"]:
             result["methods"].append("finetune")
+    result["features"] = {name: feature_provenance(pair) for name, pair in ev.features.items()}
+    settings = {"ks": list(ks), "percents": list(percents), "seeds": list(seeds), "methods": list(methods),
+                "subset_files": [str(f) for f in subset_files], "knn_k": 20, "knn_temperature": None,
+                "linear_probe": probe_settings()}
+    result["provenance"] = provenance(ev, src, started, device, 1 if shard is None else shard[1], settings)
     print_sweep_table(result, make_console())
     out = src.results_dir
     return write_json(result, out / "sweep.json"), plot_sweep(result, out / "sweep.png")

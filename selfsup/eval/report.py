@@ -113,7 +113,8 @@ def plot_sweep(result: Mapping[str, Any], path: str | Path, metric: str = "top1"
 
     One line per encoder and method, with a ±1 std band over seeds (``fill_between``); baselines
     (names starting with "random" or "pixels") are dashed greys. The "all labels" point sits at the mean
-    number of labels per class and its tick reads "all"; percent budgets read "10%".
+    number of labels per class and its tick reads "all"; percent budgets read "10%", subset files their
+    budget name.
 
     Args:
         result: a :func:`~selfsup.eval.label_efficiency.label_efficiency_sweep` result.
@@ -158,7 +159,12 @@ def plot_sweep(result: Mapping[str, Any], path: str | Path, metric: str = "top1"
             )
     ticks: dict[float, list[str]] = {}
     for b in result["budgets"]:
-        label = b["name"] if b["name"] == "all" else (f"{b['percent']:g}%" if b["k"] is None else str(b["k"]))
+        if b["k"] is not None:
+            label = str(b["k"])
+        elif b["percent"] is not None and b["name"] != "all":
+            label = f"{b['percent']:g}%"
+        else:  # "all", or a subset file ("file:1percent.txt")
+            label = b["name"]
         ticks.setdefault(xs[b["name"]], []).append(label)
     ax.set_xscale("log")
     ax.xaxis.set_minor_locator(NullLocator())
