@@ -128,7 +128,9 @@ def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: 
     knn20 = harness.evaluate(ev, "knn", k=20)
     knn200 = harness.evaluate(ev, "knn", k=200, temperature=0.07)
     encoders = {name: harness.arrays(pair) for name, pair in ev.features.items()}
-    common = {"ks": list(preset["ks"]), "seeds": list(preset["seeds"]), "dataset_key": ev.spec, "progress": False}
+    # subsets keyed by the images' relative paths: the same wherever the data lives
+    common = {"ks": list(preset["ks"]), "seeds": list(preset["seeds"]), "dataset_key": ev.dataset_key,
+              "keys": ev.keys, "progress": False}
     sweep = label_efficiency_sweep(encoders, methods=["linear"], **common)
     num_classes = len(ev.train.classes)
     any_arrays = next(iter(encoders.values()))
