@@ -126,3 +126,19 @@ def test_sweep_cli_with_a_subset_file(tmp_path):
     assert [b["name"] for b in res["budgets"]] == ["k=2", "file:list.txt"]
     assert res["budgets"][1]["n_labels"] == 4 and res["dataset"] == "folder"
     assert res["provenance"]["data"]["subsets_keyed_by"] == "relative image paths"
+
+
+def test_python_extraction_reuses_what_the_cli_cached(tmp_path):
+    import selfsup
+    from selfsup.train import pretrain
+    from tests.conftest import run_cli
+
+    cfg = {"model": {"backbone": "convnet_small"}, "data": {"data": "digits", "image_size": 16, "batch_size": 64},
+           "trainer": {"max_steps": 1}, "output": str(tmp_path), "name": "r", "online_probe": False}
+    run = pretrain(cfg).run_dir
+    proc = run_cli("features", str(run), "--no-baselines", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cached = {p: p.stat().st_mtime_ns for p in (run / "features").glob("*.safetensors")}
+    feats = selfsup.extract_features(selfsup.load_encoder(run), "digits", "train", progress=False)
+    assert feats.path in cached and feats.path.stat().st_mtime_ns == cached[feats.path]  # read, not re-extracted
+    assert feats.x.shape[0] == 1437

@@ -75,6 +75,16 @@ def data_fingerprint(dataset, keys: list[str] | None = None) -> str:
     return h.hexdigest()
 
 
+def _cache_of(encoder: nn.Module) -> Path:
+    """The run's own feature cache (where the CLI put it) for an encoder loaded from a run, else the default."""
+    source = getattr(encoder, "source_dir", None)
+    if source is not None:
+        run = Path(source).parent if Path(source).name == "export" else None
+        if run is not None and (run / "config.yaml").is_file():
+            return run / "features"
+    return default_cache_dir()
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SELFSUP_CACHE", Path.home() / ".cache" / "selfsup")) / "features"
 
@@ -202,7 +212,8 @@ def extract_features(
             ``(uint8 image, label)`` with a ``name`` attribute (used in the cache key).
         split: ``"train"`` or ``"val"`` (a folder's ``val``/``test``; a torchvision dataset's test split).
         image_size: resize the data to this square size (default: the data's own).
-        cache_dir: where the cache lives (default ``$SELFSUP_CACHE/features``).
+        cache_dir: where the cache lives (default: the run's ``features/`` for an encoder loaded from a
+            run, so the features ``selfsup probe`` cached are reused; else ``$SELFSUP_CACHE/features``).
         dtype: storage dtype, ``"float32"`` or ``"float16"``.
         accelerator, devices, num_nodes, strategy: Lightning Trainer settings (``strategy="ddp"``
             with ``devices=2`` extracts with two processes).
@@ -213,11 +224,14 @@ def extract_features(
     """
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    trained_on = (getattr(encoder, "config", None) or {}).get("data") or {}
     if isinstance(data, (str, Path)):
+        if image_size is None and str(data) == trained_on.get("data"):
+            image_size = trained_on.get("image_size")  # the run's size: the features `selfsup probe` cached
         dataset = load_dataset(str(data), split=split, image_size=image_size)
     else:
         dataset = data
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else _cache_of(encoder)
     key, meta = _cache_key(encoder, dataset, split, dtype)
     path = cache_dir / f"{key}.safetensors"
     if path.is_file() and not refresh:

@@ -380,6 +380,7 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
     enc = model.encoder()
     enc.load_state_dict(load_file(str(weights), device=str(map_location)), strict=True)
     enc.config = config
+    enc.source_dir = path  # not in config: the features' cache key hashes config
     return enc.to(map_location).eval()
 
 
