@@ -181,8 +181,8 @@ def test_subset_file_matches_file_names_and_relative_paths(tmp_path):
 
 def test_sharded_sweep_equals_one_process():
     """Two ranks each run their share of the fits; gathered, the result equals the single-process sweep."""
-    encoders = {"learned": blob_features(1), "random_init": blob_features(2, noise=5.0)}
-    common = dict(ks=(1, 5, None), seeds=(0, 1), dataset_key="toy", progress=False)
+    encoders = {"learned": blob_features(1)}
+    common = dict(ks=(1, None), seeds=(0, 1), dataset_key="toy", progress=False)
     single = label_efficiency_sweep(encoders, **common)
     shares = {}
 
@@ -196,7 +196,7 @@ def test_sharded_sweep_equals_one_process():
     with pytest.raises(Stop):
         label_efficiency_sweep(encoders, shard=(1, 2), gather=gather_rank1, **common)
     sharded = label_efficiency_sweep(encoders, shard=(0, 2), gather=lambda d: {**d, **shares[1]}, **common)
-    assert shares[1] and len(shares[1]) < 2 * 3 * 2 * 2  # rank 1 did part of the work
+    assert shares[1] and len(shares[1]) < 7  # rank 1 did part of the 7 distinct fits (4 linear, 3 kNN)
 
     def strip(res):
         return {name: {m: [[{k: v for k, v in r.items() if k != "seconds"} for r in e["runs"]] for e in entries]
