@@ -34,7 +34,7 @@ ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 PRESETS = {
     # 2 CPU cores: a small backbone, minutes of pretraining.
     # CPC's context network (2.0M parameters at width 256) would cost 8x the 241K-parameter backbone here.
-    "cpu": {"backbone": "convnet_small", "budget": "00:00:08:00", "epochs": 2, "batch_size": {"cpc": 32, "rotation": 128},
+    "cpu": {"backbone": "convnet_small", "budget": "00:00:08:00", "epochs": 2, "batch_size": {"cpc": 32, "rotation": 128, "vae": 64},
             "model": {"cpc": {"context_hidden": 64, "context_blocks": 2}}},
     # one GPU: the CIFAR ResNet-18, an hour per method.
     "gpu": {"backbone": "cifar_resnet18", "budget": "00:01:00:00", "epochs": 100,
@@ -106,19 +106,19 @@ def main() -> int:
             start = time.perf_counter()
             run = pretrain(cfg)
             train_s = time.perf_counter() - start
+            steps = int(run.model.trainer.global_step)
             bpd = held_out_bits_per_dim(run, Path(args.out)) if run.model.validates else None
             src = harness.resolve_source(str(run.run_dir))
             start = time.perf_counter()
             ev = harness.prepare(src, progress=False)
             extract_s = time.perf_counter() - start
             probe, knn = harness.evaluate(ev, "probe"), harness.evaluate(ev, "knn")
-            steps = int(run.model.trainer.global_step)
             for name in ev.features:
                 rows.append({
                     "method": method, "encoder": name, "pretrain_steps": steps, "pretrain_seconds": round(train_s, 1),
                     "extract_seconds": round(extract_s, 1), "linear_top1": probe[name]["top1"],
                     "knn_top1": knn[name]["top1"],
-                    **({"val_bits_per_dim": bpd} if bpd is not None and name == "pretrained" else {}),
+                    **({"val_bits_per_dim": bpd} if bpd is not None and name == src.name else {}),
                 })
 
     table = Table(title=f"CIFAR-10, {args.preset} preset, pretraining budget {budget} per method")

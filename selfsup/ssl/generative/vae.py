@@ -114,7 +114,7 @@ class VAE(SSLModule):
         beta: float = 1.0,
         likelihood: str = "logistic",
         logistic_components: int = 1,
-        decoder_width: int = 64,
+        decoder_width: int = 32,
         probe_features: str = "mean",
         image_size: int = 32,
         **base,
