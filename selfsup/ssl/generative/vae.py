@@ -14,6 +14,7 @@ bits/dim as ``val/bits_per_dim`` and writes a grid of samples and reconstruction
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -114,7 +115,7 @@ class VAE(SSLModule):
         beta: float = 1.0,
         likelihood: str = "logistic",
         logistic_components: int = 1,
-        decoder_width: int = 64,
+        decoder_width: int = 32,
         probe_features: str = "mean",
         image_size: int = 32,
         **base,
@@ -128,6 +129,8 @@ class VAE(SSLModule):
             raise ConfigError(f"probe_features must be one of {PROBE_FEATURES}, got {probe_features!r}")
         self.likelihood = PixelLikelihood(likelihood, channels=3, components=logistic_components)
         self.posterior = nn.Linear(self.backbone.num_features, 2 * latent_dim)
+        with torch.no_grad():  # start from posterior std 0.1, not 1: z carries x to the decoder from the first step
+            self.posterior.bias[latent_dim:].fill_(2 * math.log(0.1))
         self.decoder = ConvDecoder(latent_dim, self.likelihood.param_channels, image_size, width=decoder_width)
         self._shown: torch.Tensor | None = None  # the first val images, reconstructed in the grid
         self._announced = False
