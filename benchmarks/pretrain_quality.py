@@ -113,13 +113,13 @@ def main() -> int:
             start = time.perf_counter()
             run = pretrain(cfg)
             train_s = time.perf_counter() - start
+            steps = int(run.model.trainer.global_step)  # before held_out_metrics attaches another trainer
             held_out = held_out_metrics(run, Path(args.out).parent / "samples" / method)
             src = harness.resolve_source(str(run.run_dir))
             start = time.perf_counter()
             ev = harness.prepare(src, progress=False)
             extract_s = time.perf_counter() - start
             probe, knn = harness.evaluate(ev, "probe"), harness.evaluate(ev, "knn")
-            steps = int(run.model.trainer.global_step)
             for name in ev.features:
                 rows.append({
                     "method": method, "encoder": name, "pretrain_steps": steps, "pretrain_seconds": round(train_s, 1),
