@@ -177,7 +177,7 @@ def test_cli_pretrains_a_flow_with_bits_per_dim_and_samples(tmp_path):
     enc = selfsup.load_encoder(run / "export")
     with torch.no_grad():
         assert enc(torch.rand(2, 3, 16, 16)).shape == (2, enc.num_features)
-    assert f"samples in {run / 'samples'}" in r.stdout.replace(str(tmp_path) + "/", "")
+    assert "samples in runs/f/samples" in r.stdout
 
 
 def test_cli_names_a_backbone_given_to_a_flow_in_one_line(tmp_path, monkeypatch, capsys):
