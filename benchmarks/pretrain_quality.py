@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -34,12 +35,14 @@ PRESETS = {
     # 2 CPU cores: a small backbone, minutes of pretraining.
     # CPC's context network (2.0M parameters at width 256) would cost 8x the 241K-parameter backbone here.
     "cpu": {"backbone": "convnet_small", "budget": "00:00:08:00", "epochs": 2, "batch_size": {"cpc": 32, "rotation": 128},
-            "model": {"cpc": {"context_hidden": 64, "context_blocks": 2}}},
+            "model": {"cpc": {"context_hidden": 64, "context_blocks": 2},
+                      # a width-64 generator costs 5x the 13M-MAC convnet_small per image; 32 keeps G and D near it
+                      "bigan": {"g_width": 32, "d_width": 32}, "dcgan": {"g_width": 32}}},
     # one GPU: the CIFAR ResNet-18, an hour per method.
     "gpu": {"backbone": "cifar_resnet18", "budget": "00:01:00:00", "epochs": 100,
             "batch_size": {"cpc": 256, "rotation": 512}, "model": {}},
 }
-LR = {"cpc": 1e-3, "rotation": 0.1}
+LR = {"cpc": 1e-3, "rotation": 0.1, "bigan": 2e-4, "dcgan": 2e-4}
 
 
 def find_data(path: str | None) -> Path | None:
@@ -96,11 +99,15 @@ def main() -> int:
             extract_s = time.perf_counter() - start
             probe, knn = harness.evaluate(ev, "probe"), harness.evaluate(ev, "knn")
             steps = int(run.model.trainer.global_step)
+            if (run.run_dir / "samples").is_dir():  # generators' sample grids, kept beside the JSON
+                shutil.copytree(run.run_dir / "samples", Path(args.out).parent / f"{method}_samples", dirs_exist_ok=True)
             for name in ev.features:
                 rows.append({
                     "method": method, "encoder": name, "pretrain_steps": steps, "pretrain_seconds": round(train_s, 1),
                     "extract_seconds": round(extract_s, 1), "linear_top1": probe[name]["top1"],
                     "knn_top1": knn[name]["top1"],
+                    **({"sample_diversity": run.metrics["train/sample_diversity"]}
+                       if "train/sample_diversity" in run.metrics else {}),
                 })
 
     table = Table(title=f"CIFAR-10, {args.preset} preset, pretraining budget {budget} per method")
