@@ -166,7 +166,8 @@ class AdversarialModule(SSLModule):
 
     A subclass says what D looks at (:meth:`discriminate`), which parameters are D's
     (:meth:`discriminator_parameters`) and, for BiGAN, how an image is encoded (:meth:`encode_latent`).
-    ``trainer.global_step`` counts optimiser steps: two per batch.
+    ``trainer.global_step`` counts optimiser steps: two per batch. Each player gets its own optimiser
+    (AdamW by default, with DCGAN's betas (0.5, 0.999)) and its own warm-up + cosine schedule.
 
     Args:
         z_dim: latent dimension of the generator.
