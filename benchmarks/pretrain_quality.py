@@ -106,8 +106,9 @@ def main() -> int:
                     "method": method, "encoder": name, "pretrain_steps": steps, "pretrain_seconds": round(train_s, 1),
                     "extract_seconds": round(extract_s, 1), "linear_top1": probe[name]["top1"],
                     "knn_top1": knn[name]["top1"],
-                    **({"sample_diversity": run.metrics["train/sample_diversity"]}
-                       if "train/sample_diversity" in run.metrics else {}),
+                    **({"sample_diversity": run.metrics["train/sample_diversity"]}  # generators' own row only
+                       if "train/sample_diversity" in run.metrics and not name.startswith(("random init", "pixels"))
+                       else {}),
                 })
 
     table = Table(title=f"CIFAR-10, {args.preset} preset, pretraining budget {budget} per method")
