@@ -112,6 +112,12 @@ class Generator(nn.Module):
             layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
         layers += [nn.ConvTranspose2d(chans[-1], 3, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
+        for m in self.modules():  # DCGAN's N(0, 0.02) init: PyTorch's default starts G at full-range
+            if isinstance(m, nn.ConvTranspose2d):  # pixel noise that Adam's small steps take long to undo
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.net(z[:, :, None, None])  # (B, z_dim) -> (B, z_dim, 1, 1) -> (B, 3, side, side)
@@ -160,7 +166,8 @@ class AdversarialModule(SSLModule):
 
     A subclass says what D looks at (:meth:`discriminate`), which parameters are D's
     (:meth:`discriminator_parameters`) and, for BiGAN, how an image is encoded (:meth:`encode_latent`).
-    ``trainer.global_step`` counts optimiser steps: two per batch.
+    ``trainer.global_step`` counts optimiser steps: two per batch. Each player gets its own optimiser
+    (AdamW by default, with DCGAN's betas (0.5, 0.999)) and its own warm-up + cosine schedule.
 
     Args:
         z_dim: latent dimension of the generator.
@@ -207,10 +214,13 @@ class AdversarialModule(SSLModule):
         z = torch.randn(n, self.hparams.z_dim, generator=generator)
         return z.to(self.device)
 
+    def d_logits(self, x, fake, z, code) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's logits ``(B,)`` on the real pairs ``(x, code)`` and the fake pairs ``(fake, z)``."""
+        return self.discriminate(x, code), self.discriminate(fake, z)
+
     def d_loss(self, x, fake, z, code) -> dict[str, torch.Tensor]:
-        """D's loss on real ``(x, code)`` and fake ``(fake, z)`` (both detached from G and E)."""
-        real_logits = self.discriminate(x, None if code is None else code.detach())
-        fake_logits = self.discriminate(fake.detach(), z)
+        """D's loss on real ``(x, code)`` and fake ``(fake, z)``, both detached from G and E."""
+        real_logits, fake_logits = self.d_logits(x, fake.detach(), z, None if code is None else code.detach())
         return {
             "d_loss": discriminator_loss(real_logits, fake_logits, self.hparams.gan_loss),
             "d_real_acc": (real_logits > 0).float().mean(),
@@ -219,8 +229,8 @@ class AdversarialModule(SSLModule):
 
     def g_loss(self, x, fake, z, code) -> torch.Tensor:
         """G's (and E's) loss: D's verdict on the fakes, and on the encoded reals when there is an encoder."""
-        real_logits = None if code is None else self.discriminate(x, code)
-        return generator_loss(self.discriminate(fake, z), real_logits, self.hparams.gan_loss)
+        real_logits, fake_logits = self.d_logits(x, fake, z, code)
+        return generator_loss(fake_logits, None if code is None else real_logits, self.hparams.gan_loss)
 
     def players(self, batch, z: torch.Tensor | None = None):
         """One batch -> normalised reals, normalised fakes G(z), z, E(x) (or None), probe features (or None)."""
@@ -265,6 +275,13 @@ class AdversarialModule(SSLModule):
         if feats is not None:
             out["features"] = feats
         return out
+
+    def lr_lambda(self):
+        schedule, t = super().lr_lambda(), self.trainer
+        if t.max_steps > 0 and t.estimated_stepping_batches == t.max_steps:
+            # --max-steps counts both players' steps, the schedulers step once per batch
+            return lambda batch: schedule(2 * batch)
+        return schedule
 
     def configure_optimizers(self):
         out = []
@@ -362,7 +379,8 @@ class DCGAN(AdversarialModule):
     ours is trained on the data it is probed on and gives the last layer only (the backbone exposes
     no others), so the numbers are not comparable.
 
-    Real and fake images go through D in separate batches, as in the paper.
+    Real and fake images go through D as one batch: the backbone's batch norm (after its first conv,
+    where the paper had none) would otherwise normalise each batch's colour statistics away.
     """
 
     def __init__(self, **base) -> None:
@@ -371,6 +389,10 @@ class DCGAN(AdversarialModule):
 
     def discriminate(self, x, z):
         return self.head(self.backbone(x)).squeeze(1)  # (B, 1) -> (B,)
+
+    def d_logits(self, x, fake, z, code):
+        logits = self.discriminate(torch.cat([x, fake]), None)  # (2B,): reals first
+        return logits[: x.shape[0]], logits[x.shape[0] :]
 
     def discriminator_parameters(self):
         return [*self.backbone.parameters(), *self.head.parameters()]
