@@ -322,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     budget = f"{preset['minutes']} min" if preset["minutes"] else f"{preset['max_steps']} steps"
     title = f"{Path(data).name}, {preset['backbone']}, {budget} (max {preset['epochs']} epochs) per method"
     table = markdown(results, sup_by_arch, title)
+    table += ("\nEvery method runs with its own defaults" + (
+        f", except (set by the preset): {json.dumps(preset['model'])}" if preset["model"] else "") +
+        "; batch sizes: " + ", ".join(f"{m} {method_config(m, preset, data, work)['data']['batch_size']}" for m in methods)
+        + ". The floor is a random-init encoder of the method's own architecture.\n")
     print(table)
     prefix = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"quality_{args.preset}"
     prefix.parent.mkdir(parents=True, exist_ok=True)
