@@ -51,7 +51,9 @@ PRESETS: dict[str, dict] = {
             "minutes": 4.0, "batch_size": 128, "ks": KS, "seeds": (0, 1, 2), "supervised_steps": 300,
             "finetune_steps": 0, "precision": "32-true",
             # CPC's paper-width context network costs 8x this tiny backbone: narrower here (stated in the table)
-            "model": {"cpc": {"context_hidden": 64, "context_blocks": 2}}},
+            # and the GANs' width-64 generator costs ~5x the backbone per image: width 32
+            "model": {"cpc": {"context_hidden": 64, "context_blocks": 2}, "dcgan": {"g_width": 32},
+                      "bigan": {"g_width": 32, "d_width": 32}}},
     # one GPU: the CIFAR ResNet-18 at 32 px, bf16 autocast, channels-last, the papers' long schedules
     # (capped at an hour a method); CPC predicts in all four directions as the paper does.
     "gpu": {"backbone": "cifar_resnet18", "data": None, "image_size": None, "max_steps": -1, "epochs": 200,
