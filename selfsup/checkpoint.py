@@ -25,7 +25,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from selfsup.errors import CheckpointError
 
 TEMP_MARK = ".tmp-"
-_TEMP_RE = re.compile(r"\.tmp-(\d+)(\.[\w.]*)?$")
+_TEMP_RE = re.compile(r"\.tmp-?(\d+)(\.[\w.]*)?$")  # also the feature cache's ``<name>.tmp<pid>``
 
 
 def temp_path(path: str | Path) -> Path:
