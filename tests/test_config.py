@@ -139,3 +139,19 @@ def test_errors_are_typed():
     with pytest.raises(SelfsupError):
         _validate({"model": {"lr": "fast"}})
     assert issubclass(ConfigError, ValueError)
+
+
+def test_cli_full_disk_is_one_line_and_leaves_no_run_dir(capsys, monkeypatch, tmp_path):
+    import errno
+
+    import selfsup.train
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(selfsup.train, "atomic_write_text", full)
+    rc, err = _cli(capsys, monkeypatch, tmp_path, "pretrain", "--backbone", "convnet_small", "--image-size", "8",
+                   "--name", "full", "--max-steps", "1")
+    assert rc == 2 and "No space left on device" in err and "config.yaml" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "full").exists()  # the claimed directory is given back
