@@ -128,8 +128,10 @@ def clean_stale_temp_files(directory: str | Path, recursive: bool = False) -> li
 # --------------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
     """``torch.load(path, weights_only=True)`` with every failure as one :class:`CheckpointError` line.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap: to look at ``global_step``).
 
     Raises:
         CheckpointError: missing, empty, truncated, not a torch file, or holding objects other than
@@ -143,9 +145,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file; all mean "unusable"
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        text = f"not a torch checkpoint, or truncated ({type(err).__name__}: {first[:120]})"
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             text = "it holds pickled objects other than tensors (refused: loading it could run code)"
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {text}") from None
@@ -183,7 +186,11 @@ def checkpoint_candidates(directory: str | Path) -> list[Path]:
 
 
 def find_resumable_checkpoint(directory: str | Path, say: Callable[[str], None] = print) -> tuple[Path, dict]:
-    """The newest checkpoint under ``directory`` that loads, with its content; says when it skipped any.
+    """The checkpoint under ``directory`` with the most training steps among those that load.
+
+    Every ``*.ckpt`` is opened memory-mapped (tensors are not read) to learn its step, so the choice
+    does not depend on modification times (a copied run directory keeps working). Says which
+    checkpoints were skipped and which one is used.
 
     Raises:
         CheckpointError: no checkpoint, or none loads (each reason named).
@@ -192,15 +199,18 @@ def find_resumable_checkpoint(directory: str | Path, say: Callable[[str], None] 
     candidates = checkpoint_candidates(directory)
     if not candidates:
         raise CheckpointError(f"cannot resume: no checkpoint (*.ckpt) in {directory}")
-    problems = []
-    for path in candidates:
+    problems, usable = [], []
+    for order, path in enumerate(candidates):
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, mmap=True)
         except CheckpointError as err:
             problems.append(str(err))
             continue
-        if problems:
-            say(f"selfsup: skipped {len(problems)} unusable checkpoint(s) ({problems[0]}); "
-                f"resuming from {path.name} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')})")
-        return path, ckpt
-    raise CheckpointError(f"cannot resume: no checkpoint in {directory} loads ({'; '.join(problems)})")
+        usable.append(((int(ckpt["global_step"]), int(ckpt.get("epoch", 0)), -order), path, ckpt))
+    if not usable:
+        raise CheckpointError(f"cannot resume: no checkpoint in {directory} loads ({'; '.join(problems)})")
+    _, path, ckpt = max(usable, key=lambda u: u[0])
+    if problems:
+        say(f"selfsup: skipped {len(problems)} unusable checkpoint(s) ({problems[0]}); "
+            f"resuming from {path.name} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')})")
+    return path, ckpt

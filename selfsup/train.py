@@ -113,6 +113,8 @@ def resolve_config(config: dict | None, resume: bool = False) -> dict:
         raise ConfigError(f"cannot resume: {path} not found (is --name or --output wrong?)")
     saved = load_config(path)
     saved_method = saved.get("method")
+    if saved_method is None:
+        raise ConfigError(f"{path} has no 'method' entry: it is not the config.yaml of a selfsup run")
     if not isinstance(saved_method, str) or saved_method not in METHODS:
         raise ConfigError(f"{path}: " + unknown_name_message("method", saved_method, METHODS))
     run = validate_config(merge_config(default_config(saved_method), saved, str(path)), source=str(path))

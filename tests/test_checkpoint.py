@@ -174,3 +174,12 @@ def test_damaged_exports_are_one_typed_line(tmp_path, damage, error, message):
 def test_export_writes_no_temp_files(tmp_path):
     d = _export(tmp_path)
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "encoder.safetensors"]
+
+
+def test_resume_picks_the_most_trained_checkpoint_whatever_the_mtimes(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint(_ckpt(12), tmp_path / "step=12.ckpt")
+    io.save_checkpoint(_ckpt(10), tmp_path / "last.ckpt")
+    os.utime(tmp_path / "step=12.ckpt", (1, 1))  # a copy (cp -r) scrambles modification times
+    path, ckpt = find_resumable_checkpoint(tmp_path, say=lambda m: None)
+    assert path.name == "step=12.ckpt" and ckpt["global_step"] == 12
