@@ -16,7 +16,8 @@ from selfsup.errors import SelfsupError
 TRAINER_FLAGS = {
     "max_epochs": (int, "epochs to train"),
     "max_steps": (int, "optimiser steps to train (-1: no limit; overrides --max-epochs when reached first)"),
-    "max_time": (str, "stop after this wall time, DD:HH:MM:SS (a checkpoint is written; --resume continues)"),
+    "max_time": (str, "stop after this wall time: 90s, 3m, 1h30m or DD:HH:MM:SS (a checkpoint is written; "
+                 "--resume continues, with the limit counted afresh)"),
     "devices": (str, "devices per node: 'auto', a count, or a list like '0,1'"),
     "num_nodes": (int, "number of nodes (multi-node DDP under torchrun or SLURM)"),
     "strategy": (str, "Lightning strategy: auto, ddp, ddp_spawn, fsdp, ..."),
@@ -47,6 +48,23 @@ def _devices(value: str):
     if "," in value:
         return [int(v) for v in value.split(",") if v]
     return int(value)
+
+
+def _duration(text: str) -> str | None:
+    from selfsup.config import parse_duration
+
+    try:
+        return parse_duration(text, "--max-time")
+    except SelfsupError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--max-time ")) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``selfsup: error: ...``), not the usage block."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _arg_type(annotation):
@@ -115,12 +133,16 @@ def build_pretrain_parser(sub, method: str) -> argparse.ArgumentParser:
         description="Pretrain a self-supervised method. Writes runs/<name>/ (config.yaml, checkpoints/, "
         "metrics.csv, metrics.json, export/). `selfsup pretrain --method NAME --help` lists that method's options.",
     )
-    p.add_argument("--method", default="rotation", choices=sorted(METHODS), help="method to pretrain (default: rotation)")
+    p.add_argument("--method", default="rotation",
+                   help=f"method to pretrain: {', '.join(sorted(METHODS))} (default: rotation)")
     p.add_argument("--config", help="a config.yaml to start from (a previous run's reruns it); flags override it")
     p.add_argument("--output", default=argparse.SUPPRESS, help="parent folder of run directories (default: runs)")
     p.add_argument("--name", default=argparse.SUPPRESS, help="run name (default: <method>-<backbone>, numbered if taken)")
     p.add_argument("--resume", action="store_true", help="continue run --name from its last checkpoint")
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="random seed (default: 0)")
+    p.add_argument("--checkpoint-every", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="also write a checkpoint every N optimiser steps, so a kill loses at most N steps "
+                   "(default: once per epoch only)")
     p.add_argument("--no-online-probe", dest="online_probe", action="store_false", default=argparse.SUPPRESS,
                    help="do not train the online linear probe")
     p.add_argument("--tensorboard", action="store_true", default=argparse.SUPPRESS, help="also log to TensorBoard")
@@ -131,7 +153,8 @@ def build_pretrain_parser(sub, method: str) -> argparse.ArgumentParser:
         g.add_argument(_flag(name), type=typ, default=argparse.SUPPRESS, help=hlp)
     g = p.add_argument_group("trainer (Lightning)")
     for name, (typ, hlp) in TRAINER_FLAGS.items():
-        g.add_argument(_flag(name), type=_devices if name == "devices" else typ, default=argparse.SUPPRESS, help=hlp)
+        kind = {"devices": _devices, "max_time": _duration}.get(name, typ)
+        g.add_argument(_flag(name), type=kind, default=argparse.SUPPRESS, help=hlp)
     add_method_arguments(p, method)
     return p
 
@@ -350,6 +373,14 @@ def _pretrain_config(args: argparse.Namespace) -> tuple[dict, bool]:
 
     given = vars(args)
     cfg: dict = load_config(given["config"]) if given.get("config") else {}
+    if cfg:  # check the file on its own first, so its errors name it
+        from selfsup.config import default_config, merge_config, validate_config
+
+        try:
+            method = cfg.get("method", given["method"])
+            validate_config(merge_config(default_config(method), cfg))
+        except SelfsupError as e:
+            raise type(e)(f"{given['config']}: {e}") from None
     if "method" not in cfg or given["method_given"]:
         cfg["method"] = given["method"]
     for section, names in (("data", [*DATA_FLAGS, "skip_bad"]), ("trainer", TRAINER_FLAGS),
@@ -357,7 +388,7 @@ def _pretrain_config(args: argparse.Namespace) -> tuple[dict, bool]:
         for n in names:
             if n in given:
                 cfg.setdefault(section, {})[n] = given[n]
-    for n in ("output", "name", "seed", "online_probe", "tensorboard"):
+    for n in ("output", "name", "seed", "online_probe", "tensorboard", "checkpoint_every"):
         if n in given:
             cfg[n] = given[n]
     return cfg, given["resume"]
@@ -371,23 +402,26 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     method = known.method
-    if known.config and "--method" not in argv:
-        try:
+    try:
+        if known.config and "--method" not in argv:
             from selfsup.train import load_config
 
             method = load_config(known.config).get("method", method)
-        except SelfsupError as e:
-            print(f"selfsup: error: {e}", file=sys.stderr)
-            return 2
+        import selfsup  # noqa: F401  (registers the methods)
+        from selfsup.ssl.module import METHODS
 
-    import selfsup  # noqa: F401  (registers the methods)
-    from selfsup.ssl.module import METHODS
+        if argv[:1] == ["pretrain"] and (not isinstance(method, str) or method not in METHODS):
+            from selfsup.config import unknown_name_message
 
-    parser = argparse.ArgumentParser(
-        prog="selfsup", description="Self-supervised representation learning for images."
-    )
+            where = f"{known.config}: " if known.config and "--method" not in argv else ""
+            raise SelfsupError(where + unknown_name_message("method", method, METHODS))
+    except SelfsupError as e:
+        print(f"selfsup: error: {e}", file=sys.stderr)
+        return 2
+
+    parser = _Parser(prog="selfsup", description="Self-supervised representation learning for images.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    build_pretrain_parser(sub, method if method in METHODS else "rotation")
+    build_pretrain_parser(sub, method if isinstance(method, str) and method in METHODS else "rotation")
     build_eval_parsers(sub)
     build_view_parsers(sub)
     build_demo_parser(sub)
@@ -417,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("selfsup: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # read-only or full disk, a vanished file: name it in one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"selfsup: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 

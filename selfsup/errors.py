@@ -11,3 +11,15 @@ class ConfigError(SelfsupError, ValueError):
 
 class DataError(SelfsupError, ValueError):
     """Bad data on disk: missing root, wrong layout, empty class, corrupt or non-image file."""
+
+
+class RunDirError(SelfsupError, OSError):
+    """A run directory that cannot be used: taken by another run, read-only or full."""
+
+
+class CheckpointError(SelfsupError, ValueError):
+    """A checkpoint or export that cannot be loaded: empty, truncated, foreign, or not matching its config."""
+
+
+class TrainingError(SelfsupError, RuntimeError):
+    """Training that cannot go on: a NaN or infinite loss, or a resume with nothing left to train."""

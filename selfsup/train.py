@@ -12,14 +12,16 @@ A run is described by a nested config (the same dict is written to ``runs/<name>
     name: rotation-cifar_resnet18
     online_probe: true
     tensorboard: false
+    checkpoint_every: null                               # also checkpoint every N steps
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import inspect
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,78 +30,38 @@ import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from selfsup.checkpoint import (
+    AtomicCheckpointIO,
+    atomic_write_text,
+    clean_stale_temp_files,
+    find_resumable_checkpoint,
+)
+from selfsup.config import (  # noqa: F401  (re-exported: the config API lived here first)
+    DATA_DEFAULTS,
+    TRAINER_DEFAULTS,
+    default_config,
+    load_config,
+    merge_config,
+    unknown_name_message,
+    validate_config,
+)
 from selfsup.data.datamodule import SelfSupDataModule
-from selfsup.errors import ConfigError
+from selfsup.divergence import DivergenceGuard
+from selfsup.errors import ConfigError, TrainingError
 from selfsup.eval.online import OnlineLinearProbe
+from selfsup.resume import ExactResume, FreshTimer
+from selfsup.runs import claim_run_dir, merge_metrics, set_aside_metrics
 from selfsup.ssl.module import METHODS, SSLModule, build_method
 from selfsup.ssl.module import method_arguments as class_arguments
-
-TRAINER_DEFAULTS: dict = {
-    "max_epochs": 100,
-    "max_steps": -1,
-    "max_time": None,
-    "accelerator": "auto",
-    "devices": "auto",
-    "num_nodes": 1,
-    "strategy": "auto",
-    "precision": "32-true",
-    "accumulate_grad_batches": 1,
-    "log_every_n_steps": 10,
-    "check_val_every_n_epoch": 1,
-    "fast_dev_run": 0,
-}
-DATA_DEFAULTS: dict = {
-    "data": "digits",
-    "batch_size": 256,
-    "num_workers": None,
-    "image_size": None,
-    "cache_dir": None,
-    "skip_bad": False,
-}
 
 
 def method_arguments(method: str) -> dict[str, inspect.Parameter]:
     """Every constructor argument of a registered method's class chain, by name, with its defaults."""
     if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+        raise ConfigError(unknown_name_message("method", method, METHODS))
     return class_arguments(METHODS[method])
-
-
-def default_config(method: str = "rotation") -> dict:
-    """A complete config with every default filled in."""
-    return {
-        "method": method,
-        "model": {k: p.default for k, p in method_arguments(method).items()},
-        "data": dict(DATA_DEFAULTS),
-        "trainer": dict(TRAINER_DEFAULTS),
-        "seed": 0,
-        "output": "runs",
-        "name": None,
-        "online_probe": True,
-        "tensorboard": False,
-    }
-
-
-def merge_config(base: dict, override: dict, where: str = "config") -> dict:
-    """``base`` updated by ``override`` (nested); an unknown key is an error, never silently ignored."""
-    out = dict(base)
-    for k, v in override.items():
-        if k not in base:
-            raise ConfigError(f"unknown {where} key {k!r}; known: {', '.join(sorted(base))}")
-        out[k] = merge_config(base[k], v, f"{where}.{k}") if isinstance(base[k], dict) and isinstance(v, dict) else v
-    return out
-
-
-def load_config(path: str | Path) -> dict:
-    """Read a run's ``config.yaml`` (one written by a previous run, or by hand)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found")
-    cfg = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return cfg
 
 
 @dataclass
@@ -127,58 +89,41 @@ def is_launcher_rank_zero() -> bool:
     return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
-def resolve_run_dir(cfg: dict, resume: bool) -> Path:
-    """``output/name``; a default name gets a numeric suffix instead of overwriting an earlier run."""
-    output = Path(cfg["output"])
-    name = cfg["name"]
-    if resume:
-        if not name:
-            raise ConfigError("--resume needs the --name of the run to continue")
-        run_dir = output / name
-        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-            raise ConfigError(f"cannot resume: {run_dir}/checkpoints/last.ckpt not found")
-        return run_dir
-    if name:
-        run_dir = output / name
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"{run_dir} already exists: pass --resume to continue it, or another --name")
-        return run_dir
-    base = f"{cfg['method']}-{cfg['model'].get('backbone', 'model')}"
-    run_dir, i = output / base, 1
-    while run_dir.exists():
-        run_dir, i = output / f"{base}-{i}", i + 1
-    return run_dir
 
+def resolve_config(config: dict | None, resume: bool = False) -> dict:
+    """The complete, validated config of a run: defaults, the user's values, and (on resume) the run's own.
 
-def _set_aside_metrics(run_dir: Path) -> None:
-    """Lightning's CSVLogger deletes an existing metrics.csv; keep it as a numbered part instead."""
-    metrics = run_dir / "metrics.csv"
-    if metrics.is_file():
-        i = 0
-        while (run_dir / f"metrics.part{i}.csv").exists():
-            i += 1
-        metrics.rename(run_dir / f"metrics.part{i}.csv")
+    On ``resume`` the run's ``config.yaml`` wins, except for the trainer settings and
+    ``checkpoint_every`` the caller gives (how long to train and where).
 
-
-def _merge_metrics(run_dir: Path) -> None:
-    """Join the parts set aside on resume and the new metrics.csv into one metrics.csv."""
-    parts = sorted(run_dir.glob("metrics.part*.csv"), key=lambda p: int(p.stem.removeprefix("metrics.part")))
-    if not parts:
-        return
-    rows: list[dict] = []
-    for p in [*parts, run_dir / "metrics.csv"]:
-        if p.is_file():
-            with p.open(newline="") as f:
-                rows.extend(csv.DictReader(f))
-    keys = sorted({k for r in rows for k in r})
-    tmp = run_dir / "metrics.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, run_dir / "metrics.csv")
-    for p in parts:
-        p.unlink()
+    Raises:
+        ConfigError: an unknown key or method, a value of the wrong type; one line naming it.
+    """
+    given = dict(config or {})
+    method = given.get("method", "rotation")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ConfigError(unknown_name_message("method", method, METHODS))
+    cfg = validate_config(merge_config(default_config(method), given))
+    if not resume:
+        return cfg
+    if not cfg["name"]:
+        raise ConfigError("--resume needs the --name of the run to continue")
+    path = Path(cfg["output"]) / cfg["name"] / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {path} not found (is --name or --output wrong?)")
+    saved = load_config(path)
+    saved_method = saved.get("method")
+    if saved_method is None:
+        raise ConfigError(f"{path} has no 'method' entry: it is not the config.yaml of a selfsup run")
+    if not isinstance(saved_method, str) or saved_method not in METHODS:
+        raise ConfigError(f"{path}: " + unknown_name_message("method", saved_method, METHODS))
+    run = validate_config(merge_config(default_config(saved_method), saved, str(path)), source=str(path))
+    given_trainer = given.get("trainer") or {}
+    run["trainer"].update({k: cfg["trainer"][k] for k in given_trainer})
+    if "checkpoint_every" in given:
+        run["checkpoint_every"] = cfg["checkpoint_every"]
+    run["output"], run["name"] = cfg["output"], cfg["name"]
+    return run
 
 
 def pretrain(config: dict | None = None, resume: bool = False, callbacks: list | None = None) -> RunResult:
@@ -186,73 +131,102 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
 
     Writes ``config.yaml``, Lightning checkpoints (``checkpoints/last.ckpt``), ``metrics.csv``,
     ``metrics.json`` and ``export/`` (``encoder.safetensors`` + ``config.json``) under the run dir.
+    The whole config is validated, the data loaded and the model built before the run directory is
+    claimed (atomically: a second run with the same name gets a clear error), so a bad option never
+    leaves a directory or a ``config.yaml`` behind. Every file is written atomically; ``resume``
+    continues from the newest checkpoint that loads, exactly where it stopped.
+
+    Raises:
+        ConfigError, DataError, RunDirError, CheckpointError, TrainingError: one line each.
     """
-    cfg = merge_config(default_config((config or {}).get("method", "rotation")), config or {})
+    cfg = resolve_config(config, resume)
     launcher_zero = is_launcher_rank_zero()
-    if launcher_zero:
-        run_dir = resolve_run_dir(cfg, resume=resume)
-        # Lightning's DDP launcher re-runs this command for the other ranks: they must use this directory.
-        os.environ[RUN_DIR_ENV] = str(run_dir)
-    elif os.environ.get(RUN_DIR_ENV):
-        run_dir = Path(os.environ[RUN_DIR_ENV])
-    elif cfg["name"]:
-        run_dir = Path(cfg["output"]) / cfg["name"]
-    else:
+    if not launcher_zero and not os.environ.get(RUN_DIR_ENV) and not cfg["name"]:
         raise ConfigError("a run started by torchrun or SLURM needs --name, so that every rank uses one directory")
-    if resume:
-        saved = load_config(run_dir / "config.yaml")
-        # The run's own config wins, except for how long to train and where it runs.
-        cfg = merge_config(saved, {"trainer": {**saved["trainer"], **_changed(cfg["trainer"], TRAINER_DEFAULTS)}})
-    cfg["name"] = run_dir.name
 
     pl.seed_everything(cfg["seed"], workers=True, verbose=False)
-    dm = SelfSupDataModule(**cfg["data"])
+    dm = SelfSupDataModule(**cfg["data"], seed=cfg["seed"])
     dm.setup("fit")
     if "image_size" in method_arguments(cfg["method"]) and "image_size" not in (config or {}).get("model", {}):
         cfg["model"]["image_size"] = dm.image_size  # methods that cut images (CPC's grid) follow the data
     model = build_method(cfg["method"], cfg["model"])
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     if launcher_zero:
-        if not resume:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        _set_aside_metrics(run_dir)
+        base = f"{cfg['method']}-{cfg['model'].get('backbone', 'model')}"
+        claim = claim_run_dir(cfg["output"], cfg["name"], base, resume)
+    else:  # Lightning's DDP launcher re-runs this command for the other ranks: rank 0 chose the directory.
+        claim = contextlib.nullcontext(Path(os.environ.get(RUN_DIR_ENV) or Path(cfg["output"]) / cfg["name"]))
+    with claim as run_dir:
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        cfg["name"] = run_dir.name
+        return _fit(cfg, run_dir, dm, model, resume, callbacks or [], launcher_zero)
+
+
+def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resume: bool, callbacks: list,
+         launcher_zero: bool) -> RunResult:
+    ckpt_dir = run_dir / "checkpoints"
+    if launcher_zero:  # temporary files of a killed run (checkpoint, export, metrics) go now
+        for d in (run_dir, ckpt_dir, run_dir / "export"):
+            clean_stale_temp_files(d)
+    ckpt_path, resumed_step = None, None
+    if resume:
+        ckpt_path, ckpt = find_resumable_checkpoint(ckpt_dir, say=lambda m: print(m, file=sys.stderr))
+        resumed_step = int(ckpt["global_step"])
+        del ckpt
 
     probe = OnlineLinearProbe(dm.num_classes) if cfg["online_probe"] and dm.num_classes >= 2 else None
+    trainer_kwargs = dict(cfg["trainer"])
+    max_time = trainer_kwargs.pop("max_time", None)
+    every = cfg.get("checkpoint_every")
     cbs = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_epochs=1),
+        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1),
+        # resume takes the newest checkpoint that loads, so this one needs no last.ckpt of its own
+        *([ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every)] if every else []),
         LearningRateMonitor(logging_interval="step"),
+        ExactResume(),
+        DivergenceGuard(),
+        *([FreshTimer(duration=max_time, interval="step")] if max_time else []),
         *([probe] if probe else []),
-        *(callbacks or []),
+        *callbacks,
     ]
     loggers = [CSVLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="")]
     if cfg["tensorboard"]:
         from pytorch_lightning.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
-    trainer = pl.Trainer(
-        **cfg["trainer"],
-        default_root_dir=str(run_dir),
-        callbacks=cbs,
-        logger=loggers,
-        num_sanity_val_steps=0,
-        limit_val_batches=1.0 if (probe or model.validates) and dm.val_set is not None else 0,
-    )
-    ckpt = str(run_dir / "checkpoints" / "last.ckpt") if resume else None
+    try:
+        trainer = pl.Trainer(
+            **trainer_kwargs,
+            default_root_dir=str(run_dir),
+            callbacks=cbs,
+            logger=loggers,
+            plugins=[AtomicCheckpointIO()],
+            num_sanity_val_steps=0,
+            limit_val_batches=1.0 if (probe or model.validates) and dm.val_set is not None else 0,
+            use_distributed_sampler=False,  # the train loader splits itself over ranks, resumably
+        )
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        raise ConfigError(f"trainer settings: {str(err).strip().splitlines()[0]}") from None
+    if launcher_zero:
+        if not resume:
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        set_aside_metrics(run_dir)
     try:
         with warnings.catch_warnings():
             # metrics.csv was set aside above and is merged back below: nothing is deleted.
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-            trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+            trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
     finally:
         if trainer.is_global_zero:
-            _merge_metrics(run_dir)
+            merge_metrics(run_dir, resumed_step)
+    if resumed_step is not None and trainer.global_step <= resumed_step:
+        limits = {k: cfg["trainer"][k] for k in ("max_epochs", "max_steps")}
+        raise TrainingError(
+            f"--resume trained no step: {run_dir.name} already reached its limits ({limits}, at step "
+            f"{resumed_step}); pass a larger --max-epochs or --max-steps to continue it"
+        )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         model.export(run_dir / "export", data={"data": cfg["data"]["data"], "image_size": dm.image_size})
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return RunResult(run_dir, model, dm, metrics, probe)
-
-
-def _changed(values: dict, defaults: dict) -> dict:
-    return {k: v for k, v in values.items() if defaults.get(k) != v}

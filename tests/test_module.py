@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import selfsup
-from selfsup.errors import ConfigError
+from selfsup.errors import CheckpointError, ConfigError
 from selfsup.pretext.rotation import Rotation
 from selfsup.ssl.module import warmup_cosine
 from tests.conftest import perturb_
@@ -163,7 +163,7 @@ def test_load_encoder_from_run_dir_export_and_checkpoint(tmp_path):
     assert selfsup.load_encoder(lone).config["method"] == "rotation"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, "x": Exception("pickled object")}, evil)
-    with pytest.raises(ConfigError, match="not a readable selfsup checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable selfsup checkpoint"):
         selfsup.load_encoder(evil)
 
 

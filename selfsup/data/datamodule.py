@@ -21,6 +21,7 @@ from selfsup.data.datasets import (
     load_dataset,
     parse_spec,
 )
+from selfsup.data.sampler import ResumableLoader, ResumableSampler, loader_generator
 from selfsup.errors import ConfigError, DataError
 
 
@@ -36,6 +37,8 @@ class SelfSupDataModule(pl.LightningDataModule):
         cache_dir: cache for decoded small folders; default ``$SELFSUP_CACHE`` or ``~/.cache/selfsup/data``.
         skip_bad: skip and count bad image files instead of raising.
         val: load the val split when the data has one.
+        seed: seed of the training order: epoch ``e`` is shuffled by ``seed + e`` alone, so a resumed
+            run sees the same batches as an uninterrupted one (see :mod:`selfsup.data.sampler`).
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class SelfSupDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         skip_bad: bool = False,
         val: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -59,6 +63,7 @@ class SelfSupDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.skip_bad = skip_bad
         self.val = val
+        self.seed = seed
         self._image_size = image_size
         self._train: ArrayDataset | FolderStream | None = None
         self._val: ArrayDataset | FolderStream | None = None
@@ -113,7 +118,12 @@ class SelfSupDataModule(pl.LightningDataModule):
         return self._require_setup().image_size
 
     def dataloader(self, split: str, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
-        """A plain DataLoader over one split (``"train"`` or ``"val"``); DDP can swap in its sampler."""
+        """A DataLoader over one split (``"train"`` or ``"val"``).
+
+        The train split (``shuffle=True``) gets a :class:`~selfsup.data.sampler.ResumableLoader`: its
+        order depends on ``seed`` and the epoch only, it is split over DDP ranks itself, and Lightning
+        saves its position in checkpoints. No loader draws from the global RNG.
+        """
         if split not in ("train", "val"):
             raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
         dataset = self.train_set if split == "train" else self.val_set
@@ -125,16 +135,24 @@ class SelfSupDataModule(pl.LightningDataModule):
         else:
             workers = min(8, os.cpu_count() or 1) if self.num_workers is None else self.num_workers
             collate = None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=workers,
-            collate_fn=collate,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        common = {
+            "batch_size": self.batch_size, "drop_last": drop_last, "num_workers": workers, "collate_fn": collate,
+            "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available(),
+            "generator": loader_generator(self.seed),
+        }
+        if not shuffle:
+            return DataLoader(dataset, shuffle=False, **common)
+        trainer = self._trainer_or_none()
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        progress = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed) if trainer else None
+        return ResumableLoader(dataset, sampler=sampler, progress=progress, **common)
+
+    def _trainer_or_none(self):
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            return None
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled; drops the last partial batch only when there is more than one batch."""

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
+from selfsup.checkpoint import atomic_write, atomic_write_text, clean_stale_temp_files, finish_temp, temp_path
 from selfsup.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -76,13 +77,17 @@ class ArrayDataset(Dataset):
         labels: ``(N,)`` int64 labels, ``-1`` for unlabelled images.
         classes: class names; ``labels`` index into it.
         name: identifies the data, e.g. ``"digits"`` or ``"folder:/abs/root"``.
+        fingerprint: a digest of the content it was built from (files' paths, sizes and modification
+            times; the decoding settings), so caches built from it are keyed by content, not by name.
 
     Shape:
         - ``self[i]``: ``((3, S, S) uint8, int)``
         - ``self.__getitems__(indices)``: ``((B, 3, S, S) uint8, (B,) int64)``
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], name: str) -> None:
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, classes: list[str], name: str, fingerprint: str = ""
+    ) -> None:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
             raise DataError(
                 f"{name}: images must be uint8 shaped (N, H, W, 3), got {images.dtype} {images.shape}"
@@ -96,6 +101,7 @@ class ArrayDataset(Dataset):
         self.labels = labels
         self.classes = list(classes)
         self.name = name
+        self.fingerprint = fingerprint or f"{name}:{images.shape}"
         self.image_size = int(images.shape[1])
 
     def __len__(self) -> int:
@@ -139,6 +145,7 @@ class FolderStream(Dataset):
         image_size: side ``S`` of the square output.
         name: identifies the data, e.g. ``"folder:/abs/root"``.
         skip_bad: replace an unreadable file by the next readable one (with a warning) instead of raising.
+        fingerprint: a digest of the files (paths, sizes, modification times), for cache keys.
 
     Shape:
         - ``self[i]``: ``((3, S, S) uint8, int)``
@@ -152,8 +159,10 @@ class FolderStream(Dataset):
         image_size: int,
         name: str,
         skip_bad: bool = False,
+        fingerprint: str = "",
     ) -> None:
         self.files = [str(f) for f in files]
+        self.fingerprint = fingerprint or f"{name}:{len(self.files)}"
         self.labels = np.asarray(labels, dtype=np.int64)
         if self.labels.shape != (len(self.files),):
             raise DataError(f"{name}: expected {len(self.files)} labels, got shape {self.labels.shape}")
@@ -376,9 +385,29 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SELFSUP_CACHE") or Path.home() / ".cache" / "selfsup" / "data")
 
 
-def _cache_stem(root: Path, split: str, scan: _Scan, size: int, skip_bad: bool) -> str:
+def _content_digest(root: Path, split: str, scan: _Scan, size: int, skip_bad: bool) -> str:
+    """Digest of a split's files (relative paths, sizes, modification times) and how they are decoded."""
     key = json.dumps([CACHE_FORMAT, str(root), split, size, skip_bad, scan.classes, scan.fingerprint])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _tree_fingerprint(root: Path, limit: int = 10_000) -> str:
+    """Digest of the files under ``root`` (relative paths, sizes, modification times), at most ``limit``."""
+    h = hashlib.sha256(str(root).encode())
+    for i, (dirpath, dirnames, filenames) in enumerate(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                h.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        if i >= limit:
+            break
+    return h.hexdigest()
+
+
+def _cache_stem(root: Path, split: str, scan: _Scan, size: int, skip_bad: bool) -> str:
+    digest = _content_digest(root, split, scan, size, skip_bad)[:20]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in root.name)[:40]
     return f"{safe}-{split}-{size}px-{digest}"
 
@@ -445,13 +474,12 @@ def _decode_files(
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        np.save(f, array)
+
+
+def _compact_path(tmp: Path) -> Path:
+    return tmp.with_name(tmp.name + ".c")
 
 
 def _warn_skipped(skipped: list[str], where: str) -> None:
@@ -474,7 +502,8 @@ def _build_cache(
     """
     images_path, labels_path, meta_path = _cache_paths(cache_dir, stem)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = images_path.with_name(f"{images_path.name}.{os.getpid()}.tmp.npy")
+    tmp = temp_path(images_path)  # <name>.tmp-<pid>: a killed build's leftovers are removed by the next one
+    clean_stale_temp_files(cache_dir)
     labels = np.asarray(scan.labels, dtype=np.int64)
     try:
         out = np.lib.format.open_memmap(
@@ -490,12 +519,12 @@ def _build_cache(
                     f"(first: {scan.files[bad[0][0]]})"
                 )
             compact = np.lib.format.open_memmap(
-                tmp.with_suffix(".c.npy"), mode="w+", dtype=np.uint8, shape=(int(keep.sum()), size, size, 3)
+                _compact_path(tmp), mode="w+", dtype=np.uint8, shape=(int(keep.sum()), size, size, 3)
             )
             compact[:] = out[keep]
             compact.flush()
             del out, compact
-            os.replace(tmp.with_suffix(".c.npy"), tmp)
+            os.replace(_compact_path(tmp), tmp)
             labels = labels[keep]
         else:
             out.flush()
@@ -510,28 +539,50 @@ def _build_cache(
             "root": str(scan.split_dir),
             "skipped": skipped,
         }
-        meta_tmp = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
-        meta_tmp.write_text(json.dumps(meta))
-        os.replace(meta_tmp, meta_path)
-        os.replace(tmp, images_path)  # last: the images file existing means the cache entry is complete
+        atomic_write_text(meta_path, json.dumps(meta))
+        finish_temp(tmp, images_path)  # last: the images file existing means the cache entry is complete
     finally:
         tmp.unlink(missing_ok=True)
-        tmp.with_suffix(".c.npy").unlink(missing_ok=True)
+        _compact_path(tmp).unlink(missing_ok=True)
     return labels, skipped
 
 
+INFER_SAMPLE = 2_000
+"""How many train images (spread evenly over the sorted list) :func:`_infer_size` reads headers of."""
+
+
 def _infer_size(scan: _Scan, root: Path, skip_bad: bool) -> int:
-    """Shorter side of the first readable train image if it is small, else :data:`DEFAULT_STREAM_SIZE`."""
+    """The most common shorter side over (a sample of) the train images' headers; 224 if above 96.
+
+    Reads only image headers (PIL decodes no pixels for ``.size``). When the files disagree, warns
+    with the sizes found and the one chosen: one odd image can no longer set the size of a dataset.
+    """
+    from collections import Counter
+
     train = scan if scan.split_dir.name == "train" else _Scan(root, "train")
-    for path in train.files:
+    files = train.files
+    if len(files) > INFER_SAMPLE:
+        files = [files[int(i)] for i in np.linspace(0, len(files) - 1, INFER_SAMPLE)]
+    sides: Counter[int] = Counter()
+    for path in files:
         try:
-            side = _image_size_of(path)
+            sides[_image_size_of(path)] += 1
         except DataError:
             if skip_bad:
                 continue
             raise
-        return side if side <= MAX_CACHED_SIZE else DEFAULT_STREAM_SIZE
-    raise DataError(f"no readable image in {train.split_dir}")
+    if not sides:
+        raise DataError(f"no readable image in {train.split_dir}")
+    side = max(sides, key=lambda s: (sides[s], s))  # most common; the larger one on a tie
+    chosen = side if side <= MAX_CACHED_SIZE else DEFAULT_STREAM_SIZE
+    if len(sides) > 1:
+        found = ", ".join(f"{s}px x{n}" for s, n in sides.most_common(4)) + (", ..." if len(sides) > 4 else "")
+        warnings.warn(
+            f"images in {train.split_dir} have different sizes (shorter sides of {sum(sides.values())} read: "
+            f"{found}); using {chosen}px (the most common{'' if chosen == side else ', > 96px streams at 224'}); "
+            f"pass --image-size to choose", stacklevel=3,
+        )
+    return chosen
 
 
 def _load_folder(
@@ -547,9 +598,11 @@ def _load_folder(
         raise DataError(scan.bad[0][1])
     size = image_size if image_size is not None else _infer_size(scan, root, skip_bad)
     name = f"folder:{root}"
+    fingerprint = _content_digest(root, split, scan, size, skip_bad)
     if len(scan.files) > MAX_CACHED_IMAGES or size > MAX_CACHED_SIZE:
         _warn_skipped([p for p, _ in scan.bad], str(scan.split_dir))
-        return FolderStream(scan.files, np.asarray(scan.labels), scan.classes, size, name, skip_bad=skip_bad)
+        return FolderStream(scan.files, np.asarray(scan.labels), scan.classes, size, name, skip_bad=skip_bad,
+                            fingerprint=fingerprint)
     stem = _cache_stem(root, split, scan, size, skip_bad)
     images_path, labels_path, meta_path = _cache_paths(cache_dir, stem)
     if images_path.exists() and labels_path.exists() and meta_path.exists():
@@ -558,7 +611,7 @@ def _load_folder(
     else:
         labels, skipped = _build_cache(scan, size, cache_dir, stem, skip_bad, workers)
     _warn_skipped(skipped, str(scan.split_dir))
-    dataset = ArrayDataset(np.load(images_path, mmap_mode="r"), labels, scan.classes, name)
+    dataset = ArrayDataset(np.load(images_path, mmap_mode="r"), labels, scan.classes, name, fingerprint)
     gone = set(skipped)
     dataset.files = [f for f in scan.files if f not in gone]  # each row's file: portable subsets, subset lists
     return dataset
@@ -594,7 +647,7 @@ def _load_digits(split: str, image_size: int | None) -> ArrayDataset:
     size = DIGITS_SIZE if image_size is None else image_size
     x_train, y_train, x_val, y_val = _digits_arrays(size)
     images, labels = (x_train, y_train) if split == "train" else (x_val, y_val)
-    return ArrayDataset(images, labels, [str(i) for i in range(10)], "digits")
+    return ArrayDataset(images, labels, [str(i) for i in range(10)], "digits", f"digits:{split}:{images.shape}")
 
 
 def _resize_array(images: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:
@@ -639,7 +692,8 @@ def _load_torchvision(kind: str, root: Path, split: str, image_size: int | None)
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(images),):  # STL-10 unlabelled: torchvision may give no labels
         labels = np.full(len(images), -1, dtype=np.int64)
-    return ArrayDataset(images, labels, classes, f"{kind}:{root}")
+    fingerprint = hashlib.sha256(f"{kind}:{split}:{images.shape}:{_tree_fingerprint(root)}".encode()).hexdigest()
+    return ArrayDataset(images, labels, classes, f"{kind}:{root}", fingerprint)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -683,7 +737,8 @@ def load_dataset(
         split: ``"train"`` or ``"val"`` (a folder's ``val`` falls back to ``test``; a torchvision
             dataset's ``val`` is its test split); STL-10 also has ``"unlabeled"``.
         image_size: side of the square output; default 32 for digits, the native size for torchvision
-            datasets, and for folders the first train image's shorter side if at most 96, else 224.
+            datasets, and for folders the most common shorter side of the train images (over a sample
+            of up to 2,000 headers; a warning names the sizes when they disagree) if at most 96, else 224.
         cache_dir: where small folders are decoded once; default ``$SELFSUP_CACHE`` or
             ``~/.cache/selfsup/data``.
         skip_bad: skip (and count, with one warning) bad files instead of raising.

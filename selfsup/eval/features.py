@@ -178,6 +178,8 @@ def _cache_key(encoder: nn.Module, dataset, split: str, dtype: str) -> tuple[str
         "dataset": str(getattr(dataset, "name", type(dataset).__name__)),
         "split": split,
         "n": str(len(dataset)),
+        # the data's content (files' paths, sizes, mtimes), so replaced images are a cache miss
+        "data_fingerprint": str(getattr(dataset, "fingerprint", "")),
         "image_size": str(getattr(dataset, "image_size", "")),
         "transform": TRANSFORM_ID,
         "dtype": dtype,

@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from selfsup.checkpoint import atomic_save, atomic_write_text
 from selfsup.data.transforms import make_augment, to_float
-from selfsup.errors import ConfigError
+from selfsup.errors import CheckpointError, ConfigError
 from selfsup.ssl.backbone import Backbone
 
 METHODS: dict[str, type[SSLModule]] = {}
@@ -280,7 +281,9 @@ class SSLModule(pl.LightningModule):
         directory.mkdir(parents=True, exist_ok=True)
         enc = self.encoder()
         state = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items()}
-        save_file(state, str(directory / "encoder.safetensors"))
+        # Each file atomically (temp + fsync + rename); config.json last, so a complete config.json means
+        # its weights are complete too.
+        atomic_save(lambda tmp: save_file(state, tmp), directory / "encoder.safetensors")
         config = {
             "format": EXPORT_FORMAT,
             "method": self.method_name,
@@ -288,7 +291,7 @@ class SSLModule(pl.LightningModule):
             "num_features": int(enc.num_features),
             "data": data,
         }
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
         return directory
 
 
@@ -338,6 +341,10 @@ def build_method(name: str, hparams: dict[str, Any], where: str = "model") -> SS
             close = difflib.get_close_matches(k, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where}: {name} has no argument {k!r}{hint}; known: {', '.join(known)}")
+    from selfsup.config import check_value
+
+    # Every value against its annotation: a wrong type is one line here, not a traceback from inside.
+    hparams = {k: check_value(v, known[k].annotation, f"{where}.{k}") for k, v in hparams.items()}
     return METHODS[name](**hparams)
 
 
@@ -373,12 +380,38 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
                 f"{p} not found: expected an export directory (written by SSLModule.export), a run directory "
                 "(runs/<name>) or a .ckpt file"
             )
-    config = json.loads(cfg_path.read_text())
-    if config.get("format") != EXPORT_FORMAT:
-        raise ConfigError(f"{cfg_path}: unsupported export format {config.get('format')!r}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{cfg_path} is not a readable export config ({err})") from None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        got = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{cfg_path}: unsupported export format {got!r}")
+    for key in ("method", "hparams"):
+        if key not in config:
+            raise CheckpointError(f"{cfg_path}: no {key!r} entry; expected a config written by SSLModule.export")
     model = build_method(config["method"], config["hparams"], where=str(cfg_path))
     enc = model.encoder()
-    enc.load_state_dict(load_file(str(weights), device=str(map_location)), strict=True)
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a bad file
+        raise CheckpointError(f"{weights} cannot be read (empty, truncated or not safetensors): {err}") from None
+    own = enc.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {k}: weights {tuple(state[k].shape)} "
+                         f"vs config {tuple(own[k].shape)}")
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
+        raise CheckpointError(f"{weights} does not match {cfg_path}: {'; '.join(parts)}")
+    enc.load_state_dict(state, strict=True)
     enc.config = config
     enc.source_dir = path  # not in config: the features' cache key hashes config
     return enc.to(map_location).eval()
@@ -391,9 +424,9 @@ def _encoder_from_checkpoint(path: Path, map_location) -> nn.Module:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign, or holding objects weights_only refuses
-        raise ConfigError(f"{path}: not a readable selfsup checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable selfsup checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ConfigError(f"{path}: not a Lightning checkpoint of a selfsup method (no state_dict/hyper_parameters)")
+        raise CheckpointError(f"{path}: not a Lightning checkpoint of a selfsup method (no state_dict/hyper_parameters)")
     run_cfg_path = path.parent.parent / "config.yaml"
     run_cfg = yaml.safe_load(run_cfg_path.read_text()) if run_cfg_path.is_file() else {}
     method = ckpt.get(CHECKPOINT_METHOD_KEY) or (run_cfg or {}).get("method")
@@ -403,7 +436,7 @@ def _encoder_from_checkpoint(path: Path, map_location) -> nn.Module:
     model = build_method(method, hparams, where=str(path))
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing:
-        raise ConfigError(f"{path}: weights do not match the {method} model ({len(missing)} missing, e.g. {missing[0]})")
+        raise CheckpointError(f"{path}: weights do not match the {method} model ({len(missing)} missing, e.g. {missing[0]})")
     enc = model.encoder()
     data = (run_cfg or {}).get("data", {}).get("data")
     enc.config = {"format": EXPORT_FORMAT, "method": method, "hparams": _jsonable(hparams),

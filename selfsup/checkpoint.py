@@ -1,0 +1,216 @@
+"""Files that survive a kill: atomic writes, safe checkpoint loading, and resume from the newest good checkpoint.
+
+Every checkpoint, export and cache file selfsup writes goes to a temporary file in the destination's
+own directory (so the final rename never crosses filesystems), is ``fsync``-ed, then renamed over the
+destination with ``os.replace`` (atomic on POSIX): a kill at any moment leaves either the old file or
+the new one, never a truncated one. Temporary files are named ``<name>.tmp-<pid>``; a later run
+removes those whose process is gone (:func:`clean_stale_temp_files`).
+
+Checkpoints are loaded with ``torch.load(weights_only=True)``: a crafted pickle cannot run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from selfsup.errors import CheckpointError
+
+TEMP_MARK = ".tmp-"
+_TEMP_RE = re.compile(r"\.tmp-?(\d+)(\.[\w.]*)?$")  # also the feature cache's ``<name>.tmp<pid>``
+
+
+def temp_path(path: str | Path) -> Path:
+    """The temporary sibling of ``path`` this process writes before renaming: ``<name>.tmp-<pid>``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; on success fsync and rename it over ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same directory, fsync, rename)."""
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def atomic_save(writer: Callable[[str], Any], path: str | Path) -> None:
+    """Call ``writer(tmp_path)`` (e.g. safetensors' ``save_file``), then fsync and rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        writer(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def finish_temp(tmp: str | Path, path: str | Path) -> None:
+    """fsync a temporary file written elsewhere (a memory map) and rename it over ``path``."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def clean_stale_temp_files(directory: str | Path, recursive: bool = False) -> list[Path]:
+    """Remove ``*.tmp-<pid>*`` files under ``directory`` whose writing process no longer runs.
+
+    Returns the removed paths. Files of live processes (another run writing now) are kept.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    files = directory.rglob("*") if recursive else directory.iterdir()
+    for p in files:
+        m = _TEMP_RE.search(p.name)
+        if m and p.is_file() and int(m.group(1)) != os.getpid() and _pid_gone(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """``torch.load(path, weights_only=True)`` with every failure as one :class:`CheckpointError` line.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap: to look at ``global_step``).
+
+    Raises:
+        CheckpointError: missing, empty, truncated, not a torch file, or holding objects other than
+            tensors and plain containers (a pickle that would run code is refused, never executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes; a save was interrupted)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file; all mean "unusable"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        text = f"not a torch checkpoint, or truncated ({type(err).__name__}: {first[:120]})"
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            text = "it holds pickled objects other than tensors (refused: loading it could run code)"
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {text}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} is not a selfsup/Lightning training checkpoint "
+                              "(no state_dict and global_step)")
+    return ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, made atomic and safe.
+
+    Saves to ``<name>.tmp-<pid>`` in the checkpoint's own directory, fsyncs, renames (Lightning's
+    default stages the file in a temporary directory that may be on another filesystem, so a kill
+    during the final copy truncates ``last.ckpt``). Loads with ``weights_only=True``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        with atomic_write(path) as f:
+            torch.save(checkpoint, f)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path, map_location=map_location or "cpu")
+
+
+def checkpoint_candidates(directory: str | Path) -> list[Path]:
+    """``*.ckpt`` files of a run, newest first (``last.ckpt`` first among equally new ones)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    files = [p for p in directory.glob("*.ckpt") if p.is_file()]
+    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+
+
+def find_resumable_checkpoint(directory: str | Path, say: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """The checkpoint under ``directory`` with the most training steps among those that load.
+
+    Every ``*.ckpt`` is opened memory-mapped (tensors are not read) to learn its step, so the choice
+    does not depend on modification times (a copied run directory keeps working). Says which
+    checkpoints were skipped and which one is used.
+
+    Raises:
+        CheckpointError: no checkpoint, or none loads (each reason named).
+    """
+    directory = Path(directory)
+    candidates = checkpoint_candidates(directory)
+    if not candidates:
+        raise CheckpointError(f"cannot resume: no checkpoint (*.ckpt) in {directory}")
+    problems, usable = [], []
+    for order, path in enumerate(candidates):
+        try:
+            ckpt = load_checkpoint(path, mmap=True)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        usable.append(((int(ckpt["global_step"]), int(ckpt.get("epoch", 0)), -order), path, ckpt))
+    if not usable:
+        raise CheckpointError(f"cannot resume: no checkpoint in {directory} loads ({'; '.join(problems)})")
+    _, path, ckpt = max(usable, key=lambda u: u[0])
+    if problems:
+        say(f"selfsup: skipped {len(problems)} unusable checkpoint(s) ({problems[0]}); "
+            f"resuming from {path.name} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')})")
+    return path, ckpt

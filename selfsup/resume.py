@@ -1,0 +1,92 @@
+"""What a checkpoint must hold for a resumed run to continue exactly where the killed one stopped.
+
+Lightning saves the weights, optimiser, schedulers, loop counters and (through
+:class:`~selfsup.data.sampler.ResumableLoader`) the data position. :class:`ExactResume` adds the random
+number generators (torch CPU and CUDA, numpy, Python), restored when training starts again, so the
+resumed run draws the same augmentations; it also flushes the loggers when a checkpoint is written, so
+no logged row older than the checkpoint is lost to a kill. :class:`FreshTimer` is ``--max-time``
+counted afresh on every (re)start: a run stopped by its time limit and resumed trains again.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, Timer
+
+
+def rng_state() -> dict:
+    """Every RNG training draws from, as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+class ExactResume(Callback):
+    """Saves the RNG states in every checkpoint and restores them when a resumed run starts training."""
+
+    def __init__(self) -> None:
+        self._pending: dict | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "ExactResume"
+
+    def state_dict(self) -> dict:
+        return {"rng": rng_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict.get("rng")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning builds the train loader early (to estimate the stepping batches for the LR schedule),
+        # before it restores the loop state, and then never hands the loader its saved position: hand it
+        # now (a no-op when there is none or it was already loaded). The sampler reads it lazily, at the
+        # first batch, so it still applies.
+        load_positions = getattr(trainer.fit_loop, "_load_combined_loader_states", None)
+        if load_positions is not None:
+            load_positions()
+        # After Lightning built the loaders (which may draw from the RNG), just before the first step.
+        if self._pending is not None:
+            set_rng_state(self._pending)
+            self._pending = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:  # rows logged before this checkpoint must survive a kill after it
+            logger.save()
+
+
+class FreshTimer(Timer):
+    """Lightning's ``max_time`` limit, counted from this (re)start: the elapsed time of a killed or
+    time-limited run is not carried into its resume (which would stop it before a single step)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        return None

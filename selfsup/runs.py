@@ -1,0 +1,199 @@
+"""Run directories: claimed atomically, locked while a run writes into them, metrics kept across resumes.
+
+Two runs started together with the same ``--name`` must never write into one directory. The claim is
+``os.mkdir`` (atomic on every local and network filesystem: exactly one caller creates a directory)
+followed by a lock file created with ``O_CREAT | O_EXCL`` that holds the owner's host and pid. A
+second run gets one clear line naming the owner; a lock left by a killed run (its pid is gone on this
+host) is taken over by ``--resume``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from selfsup.errors import ConfigError, RunDirError
+
+LOCK_NAME = ".selfsup.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _read_lock(lock: Path) -> dict:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _lock_is_stale(info: dict) -> bool:
+    """A lock whose process is known to be gone (same host, pid not running, or not our pid reused)."""
+    if info.get("host") != socket.gethostname():
+        return False  # cannot tell from here
+    pid = info.get("pid")
+    return isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid)
+
+
+def _os_error(err: OSError, path: Path, doing: str) -> RunDirError:
+    reason = err.strerror or str(err)
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason += " (is the output directory read-only? pass --output elsewhere)"
+    elif err.errno == errno.ENOSPC:
+        reason += " (the disk is full)"
+    return RunDirError(f"cannot {doing} {path}: {reason}")
+
+
+def _take_lock(run_dir: Path, take_over_stale: bool) -> Path:
+    lock = run_dir / LOCK_NAME
+    payload = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            info = _read_lock(lock)
+            if take_over_stale and _lock_is_stale(info):
+                lock.unlink(missing_ok=True)  # a killed run's lock; a racing resumer loses at O_EXCL above
+                continue
+            owner = f"pid {info.get('pid', '?')} on {info.get('host', '?')}"
+            raise RunDirError(
+                f"{run_dir} is in use by another selfsup run ({owner}); wait for it, or pass another --name "
+                f"(if that run is dead, delete {lock})"
+            ) from None
+        except OSError as err:
+            raise _os_error(err, run_dir, "lock the run directory") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(payload)
+        return lock
+    raise RunDirError(f"{run_dir} is in use by another selfsup run; pass another --name")
+
+
+@contextlib.contextmanager
+def claim_run_dir(output: str | Path, name: str | None, base: str, resume: bool) -> Iterator[Path]:
+    """Create (or, for ``resume``, lock) the run directory; yields it and releases the lock afterwards.
+
+    ``name=None`` picks ``base``, ``base-1``, ... whichever ``os.mkdir`` creates first. If the block
+    raises before the run wrote anything but the lock, a directory this call created is removed again.
+
+    Raises:
+        RunDirError: the name is taken (or in use by a live run), the output folder is read-only or full.
+    """
+    output = Path(output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _os_error(err, output, "create the output folder") from None
+    created = False
+    if resume:
+        if not name:
+            raise ConfigError("--resume needs the --name of the run to continue")
+        run_dir = output / name
+        if not run_dir.is_dir():
+            raise ConfigError(f"cannot resume: {run_dir} not found")
+    else:
+        candidates = [name] if name else [base, *(f"{base}-{i}" for i in range(1, 10_000))]
+        run_dir = None
+        for cand in candidates:
+            path = output / cand
+            try:
+                os.mkdir(path)
+                run_dir, created = path, True
+                break
+            except FileExistsError:
+                if name and path.is_dir() and not any(path.iterdir()):
+                    run_dir = path  # an empty folder made by hand: ours once the lock is ours
+                    break
+                if name:
+                    info = _read_lock(path / LOCK_NAME) if path.is_dir() else {}
+                    busy = f" and in use by pid {info['pid']}" if info.get("pid") and not _lock_is_stale(info) else ""
+                    raise RunDirError(
+                        f"{path} already exists{busy}: pass --resume to continue it, or another --name"
+                    ) from None
+            except OSError as err:
+                raise _os_error(err, path, "create the run directory") from None
+        if run_dir is None:
+            raise RunDirError(f"no free run directory name under {output} for {base}")
+    lock = _take_lock(run_dir, take_over_stale=resume)
+    try:
+        yield run_dir
+    except BaseException:
+        lock.unlink(missing_ok=True)
+        if created and not any(run_dir.iterdir()):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    lock.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics.csv across resumes
+# --------------------------------------------------------------------------------------------------
+
+
+def set_aside_metrics(run_dir: Path) -> None:
+    """Lightning's CSVLogger deletes an existing metrics.csv; keep it as a numbered part instead."""
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file():
+        i = 0
+        while (run_dir / f"metrics.part{i}.csv").exists():
+            i += 1
+        metrics.rename(run_dir / f"metrics.part{i}.csv")
+
+
+def _step(row: dict) -> int | None:
+    try:
+        return int(float(row.get("step") or ""))
+    except ValueError:
+        return None
+
+
+def merge_metrics(run_dir: Path, resumed_step: int | None = None) -> None:
+    """Join the parts set aside on resume and the new metrics.csv into one metrics.csv.
+
+    Rows of earlier parts logged at or after ``resumed_step`` (the global step of the checkpoint the
+    run resumed from) were redone by the resumed run; they are dropped so no step appears twice.
+    """
+    parts = sorted(run_dir.glob("metrics.part*.csv"), key=lambda p: int(p.stem.removeprefix("metrics.part")))
+    if not parts:
+        return
+    segments: list[list[dict]] = []
+    for p in parts:
+        with p.open(newline="") as f:
+            segments.append(list(csv.DictReader(f)))
+    # Each part ends where the next one resumed: cut it at the next part's first step.
+    cutoff = resumed_step
+    for rows_ in reversed(segments):
+        kept = [r for r in rows_ if cutoff is None or _step(r) is None or _step(r) < cutoff]
+        rows_[:] = kept
+        steps = [s for s in map(_step, kept) if s is not None]
+        if steps:
+            cutoff = min(steps) if cutoff is None else min(cutoff, min(steps))
+    rows = [r for seg in segments for r in seg]
+    new = run_dir / "metrics.csv"
+    if new.is_file():
+        with new.open(newline="") as f:
+            rows.extend(csv.DictReader(f))
+    keys = sorted({k for r in rows for k in r})
+    tmp = run_dir / "metrics.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, new)
+    for p in parts:
+        p.unlink()

@@ -1,0 +1,113 @@
+"""Run directories are claimed atomically: two runs with one name never share a directory (issue 11, item 1)."""
+
+import csv
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from selfsup.errors import RunDirError
+from selfsup.runs import LOCK_NAME, claim_run_dir, merge_metrics, set_aside_metrics
+from tests.conftest import ROOT
+
+
+def _claim(args):
+    output, barrier, results = args
+    barrier.wait()
+    try:
+        with claim_run_dir(output, "same", "x", resume=False) as run_dir:
+            (run_dir / "config.yaml").write_text(f"pid: {os.getpid()}\n")
+            barrier.wait()  # hold the directory while the others try
+        results.put("ok")
+    except RunDirError as err:
+        barrier.wait()
+        results.put(str(err))
+
+
+def test_only_one_of_many_processes_claims_a_name(tmp_path):
+    ctx = mp.get_context("fork")
+    n = 6
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=((tmp_path, barrier, results),)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    out = [results.get(timeout=5) for _ in range(n)]
+    assert out.count("ok") == 1, out
+    assert all("already exists" in o or "in use" in o for o in out if o != "ok")
+    assert list((tmp_path / "same").iterdir()) == [tmp_path / "same" / "config.yaml"]  # lock released
+
+
+def test_default_names_are_numbered_and_failed_claims_leave_nothing(tmp_path):
+    with claim_run_dir(tmp_path, None, "rot", resume=False) as a, claim_run_dir(tmp_path, None, "rot", resume=False) as b:
+        assert (a.name, b.name) == ("rot", "rot-1")
+        assert (a / LOCK_NAME).is_file()
+        (a / "config.yaml").write_text("x")
+        (b / "config.yaml").write_text("x")
+    with pytest.raises(ValueError), claim_run_dir(tmp_path, "broken", "rot", resume=False):
+        raise ValueError("setup failed before anything was written")
+    assert not (tmp_path / "broken").exists()
+
+
+def test_a_live_lock_refuses_resume_and_a_dead_one_is_taken_over(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("x")
+    import json
+    import socket
+
+    (run / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))
+    with pytest.raises(RunDirError, match="in use by another selfsup run"), claim_run_dir(tmp_path, "r", "r", True):
+        pass
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    with claim_run_dir(tmp_path, "r", "r", resume=True) as got:
+        assert got == run
+    assert not (run / LOCK_NAME).exists()
+
+
+def test_merge_drops_rows_redone_after_a_resume(tmp_path):
+    def write(path, steps):
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "train/loss"])
+            w.writeheader()
+            w.writerows({"step": s, "train/loss": f"{s}.{tag}"} for s in steps)
+
+    tag = "first"
+    write(tmp_path / "metrics.csv", range(0, 8))  # killed at step 8, its checkpoint was at step 5
+    set_aside_metrics(tmp_path)
+    tag = "second"
+    write(tmp_path / "metrics.csv", range(5, 12))  # resumed at 5, killed again; checkpoint at 10
+    set_aside_metrics(tmp_path)
+    tag = "third"
+    write(tmp_path / "metrics.csv", range(10, 14))
+    merge_metrics(tmp_path, resumed_step=10)
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(14))
+    assert rows[4]["train/loss"] == "4.first" and rows[7]["train/loss"] == "7.second"
+    assert rows[11]["train/loss"] == "11.third"
+
+
+@pytest.mark.slow
+def test_two_cli_runs_with_one_name_started_together(tmp_path):
+    args = [sys.executable, "-m", "selfsup", "pretrain", "--backbone", "convnet_small", "--image-size", "8",
+            "--batch-size", "256", "--max-steps", "2", "--name", "same", "--no-online-probe", "--log-every-n-steps", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [o[1][-2000:] for o in outs]
+    loser = outs[[p.returncode for p in procs].index(2)][1]
+    assert ("already exists" in loser or "in use" in loser) and len(loser.strip().splitlines()) == 1, loser
+    run = tmp_path / "runs" / "same"
+    assert yaml.safe_load((run / "config.yaml").read_text())["name"] == "same"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    with (run / "metrics.csv").open() as f:
+        steps = [r["step"] for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == ["0", "1"]  # one run's rows only
