@@ -35,7 +35,8 @@ PRESETS = {
     # 2 CPU cores: a small backbone, minutes of pretraining.
     # CPC's context network (2.0M parameters at width 256) would cost 8x the 241K-parameter backbone here.
     "cpu": {"backbone": "convnet_small", "budget": "00:00:08:00", "epochs": 2, "batch_size": {"cpc": 32, "rotation": 128, "vae": 64},
-            "model": {"cpc": {"context_hidden": 64, "context_blocks": 2}}},
+            # vae: ~100 steps fit the budget on a loaded machine; 0.1 epochs of warm-up (78 steps) would fill it.
+            "model": {"cpc": {"context_hidden": 64, "context_blocks": 2}, "vae": {"warmup_epochs": 0.01}}},
     # one GPU: the CIFAR ResNet-18, an hour per method.
     "gpu": {"backbone": "cifar_resnet18", "budget": "00:01:00:00", "epochs": 100,
             "batch_size": {"cpc": 256, "rotation": 512}, "model": {}},
