@@ -4,7 +4,7 @@ The image is cut into a 3x3 grid of tiles with gaps and jitter (:mod:`selfsup.pr
 same helper as relative position); the tiles are shuffled by one permutation of a fixed set chosen for
 maximal Hamming distance (:func:`permutation_set`); every tile goes through the shared backbone, and
 an MLP on the nine concatenated pooled features (in shuffled order) classifies the permutation index.
-Each tile gets colour dropping, so tiles cannot be matched by colour statistics alone.
+Optionally each tile gets colour dropping, so tiles cannot be matched by colour statistics alone.
 
 - [0] Unsupervised Learning of Visual Representations by Solving Jigsaw Puzzles, Noroozi & Favaro 2016,
   https://arxiv.org/abs/1603.09246
@@ -97,7 +97,7 @@ class JigsawTask(Task):
         patch_size: int | None = None,
         patch_gap: int | None = None,
         patch_resize: int | None = None,
-        color_drop: float = 1.0,
+        color_drop: float = 0.0,
         head_hidden: int = 512,
     ) -> None:
         super().__init__()
@@ -136,7 +136,8 @@ class Jigsaw(SSLModule):
         patch_size: tile side in pixels; ``None`` derives it from the image size (0.7 of a grid cell).
         patch_gap: smallest gap between tiles in pixels; ``None``: 0.1 of a cell, at least 1 px.
         patch_resize: upsample tiles to this side before the backbone; ``None`` keeps their size.
-        color_drop: probability that a tile keeps one random colour channel only (the others faint noise).
+        color_drop: probability that a tile keeps one random colour channel only (the others faint noise);
+            off by default, as for :class:`~selfsup.pretext.relative_position.RelativePosition`.
         head_hidden: hidden width of the MLP on the nine concatenated tile features.
     """
 
@@ -147,7 +148,7 @@ class Jigsaw(SSLModule):
         patch_size: int | None = None,
         patch_gap: int | None = None,
         patch_resize: int | None = None,
-        color_drop: float = 1.0,
+        color_drop: float = 0.0,
         head_hidden: int = 512,
         **base,
     ) -> None:

