@@ -142,3 +142,25 @@ def test_python_extraction_reuses_what_the_cli_cached(tmp_path):
     feats = selfsup.extract_features(selfsup.load_encoder(run), "digits", "train", progress=False)
     assert feats.path in cached and feats.path.stat().st_mtime_ns == cached[feats.path]  # read, not re-extracted
     assert feats.x.shape[0] == 1437
+
+
+def test_extraction_removes_what_a_killed_extraction_left(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import selfsup
+    from selfsup.ssl.backbone import Backbone
+    from selfsup.ssl.module import ImageEncoder
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"abc.safetensors.tmp{dead.pid}"
+    live = tmp_path / f"def.safetensors.tmp{os.getppid()}"  # a process that still runs: another writer
+    for p in (stale, live):
+        p.write_bytes(b"half-written")
+    torch.manual_seed(0)
+    enc = ImageEncoder(Backbone("convnet_small")).eval()
+    feats = selfsup.extract_features(enc, "digits", "val", image_size=8, cache_dir=tmp_path, progress=False)
+    assert not stale.exists() and live.exists()
+    assert feats.path.parent == tmp_path and not list(tmp_path.glob(f"*.tmp{os.getpid()}"))

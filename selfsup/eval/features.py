@@ -25,6 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from selfsup.checkpoint import clean_stale_temp_files, finish_temp
 from selfsup.data.datasets import batch_collate, load_dataset
 from selfsup.errors import ConfigError
 from selfsup.quiet import quiet_lightning
@@ -234,6 +235,7 @@ def extract_features(
     else:
         dataset = data
     cache_dir = Path(cache_dir) if cache_dir is not None else _cache_of(encoder)
+    clean_stale_temp_files(cache_dir)  # what a killed extraction left behind
     key, meta = _cache_key(encoder, dataset, split, dtype)
     path = cache_dir / f"{key}.safetensors"
     if path.is_file() and not refresh:
@@ -336,7 +338,7 @@ class _CacheWriter:
         if missing:
             self.tmp.unlink()
             raise RuntimeError(f"feature extraction missed {missing} of {self.n} images")
-        os.replace(self.tmp, self.path)
+        finish_temp(self.tmp, self.path)  # fsync + rename: a crash never leaves a half-written cache file
 
 
 def _load(path: Path) -> Features:
