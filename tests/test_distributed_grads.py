@@ -5,6 +5,11 @@ averaged over ranks as DDP does; the result must equal the single-process gradie
 whole batch. The model is in eval mode, so augmentation randomness and per-rank batch statistics are
 out of the picture and what is checked is the loss's own cross-rank scaling (losses that gather
 negatives from every rank must scale by the world size correctly).
+
+A loss that draws its own randomness even in eval mode (jigsaw's permutations, relative position's
+neighbours, a VAE's or flow's noise, a GAN's z) draws differently for a half batch than for the whole
+batch, so no two-rank run can reproduce it sample for sample; such methods are detected (two seeds give
+two gradients) and skipped with that reason.
 """
 
 import pytest
@@ -48,10 +53,22 @@ def _worker(rank: int, world: int, init: str, out_dir: str, method: str) -> None
     dist.destroy_process_group()
 
 
+def _stochastic(method: str) -> bool:
+    batch = fixed_batch(BATCH, SIZE)
+    grads = []
+    for seed in (1, 2):
+        model = _model(method)
+        torch.manual_seed(seed)  # after the seeded build: only the loss's own draws differ
+        grads.append(_grads(model, batch))
+    return any(not torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
 @pytest.mark.parametrize("method", sorted(selfsup.METHODS))
 def test_two_ranks_give_the_single_process_gradient(method, tmp_path):
     import torch.multiprocessing as mp
 
+    if _stochastic(method):
+        pytest.skip(f"{method}'s loss draws its own randomness in eval mode: a half batch cannot replay it")
     mp.spawn(_worker, args=(2, f"file://{tmp_path}/pg", str(tmp_path), method), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "grads.pt")
     single = _grads(_model(method), fixed_batch(BATCH, SIZE))
