@@ -176,11 +176,33 @@ def build_demo_parser(sub) -> argparse.ArgumentParser:
 
 
 def _int_list(text: str) -> list[int | None]:
-    return [None if v in ("all", "none") else int(v) for v in text.split(",") if v]
+    try:
+        values = [None if v in ("all", "none") else int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers or 'all', got {text!r}") from None
+    if any(v is not None and v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"labels per class must be at least 1, got {text!r}")
+    return values
 
 
 def _float_list(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v]
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(not 0 < v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"percents must be in (0, 100], got {text!r}")
+    return values
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
 
 
 def build_eval_parsers(sub) -> None:
@@ -208,8 +230,8 @@ def build_eval_parsers(sub) -> None:
                    "chosen on held-out training labels; the random-init floor and raw pixels beside.")
     p = sub.add_parser("knn", parents=[common], help="kNN classification on cached features, with baselines",
                        description="Cosine kNN on cached features (faiss): majority vote, or weighted with --temperature.")
-    p.add_argument("--k", type=int, default=20, help="neighbours (default: 20; Wu et al. use 200 with T=0.07)")
-    p.add_argument("--temperature", type=float, help="weighted vote exp(sim/T) (default: majority vote)")
+    p.add_argument("--k", type=_positive, default=20, help="neighbours (default: 20; Wu et al. use 200 with T=0.07)")
+    p.add_argument("--temperature", type=_positive_float, help="weighted vote exp(sim/T) (default: majority vote)")
     p = sub.add_parser("sweep", parents=[common], help="label-efficiency sweep: accuracy vs labels per class, plot",
                        description="Linear probe and kNN on k labelled images per class (and percent of labels), "
                        "several seeds, with baselines; writes sweep.json and sweep.png.")

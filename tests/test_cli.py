@@ -59,6 +59,7 @@ def test_demo_runs_and_prints_the_table(tmp_path):
     r = run_cli("demo", "--epochs", "2", "--seeds", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "random init" in r.stdout and "pixels" in r.stdout and "Label efficiency" in r.stdout
+    assert "raw pixels already classify" in " ".join(r.stdout.split())  # the caveat under the table
     run = next((tmp_path / "runs").glob("*/demo.json")).parent
     rows = json.loads((run / "demo.json").read_text())
     assert len(rows) == 3 and sum(name.startswith("random init") for name in rows) == 1
@@ -103,3 +104,30 @@ def test_cpc_follows_the_data_image_size(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = yaml.safe_load((tmp_path / "runs" / "c" / "config.yaml").read_text())
     assert cfg["model"]["image_size"] == 32 and cfg["data"]["image_size"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["knn", "--k", "0"], "--k: must be a positive integer, got '0'"),
+    (["knn", "--temperature", "-1"], "--temperature: must be positive"),
+    (["sweep", "--ks", "1,x"], "--ks: expected comma-separated whole numbers or 'all', got '1,x'"),
+    (["sweep", "--percents", "0"], "--percents: percents must be in (0, 100]"),
+])
+def test_eval_options_fail_in_one_line_before_any_work(args, message, tmp_path, capsys):
+    from selfsup import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*args, "--random-init", "convnet_small", "--data", "digits", "--output", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "_int_list" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_backbone_and_patch_help_say_what_they_take(capsys):
+    from selfsup import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--method", "cpc", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "cifar_resnet18" in out and "timm" in out
+    assert "--patch-size INT patch side in pixels" in out and "--patch-stride INT step between patches" in out

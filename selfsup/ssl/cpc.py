@@ -242,8 +242,9 @@ class CPC(SSLModule):
     Args:
         image_size: side of the square images the grid is cut from; training batches and evaluation
             images of another size are resized and centre-cropped to it first.
-        patch_size, patch_stride: patch side and stride in pixels; ``None`` picks
-            :func:`default_patch_grid` (32 px: 8 / 4, a 7x7 grid).
+        patch_size: patch side in pixels; ``None`` picks :func:`default_patch_grid` (32 px: 8).
+        patch_stride: step between patches in pixels; ``None`` picks :func:`default_patch_grid` (32 px: 4,
+            so a 7x7 grid of half-overlapping patches).
         max_offset: predict offsets ``1..max_offset`` rows ahead (``K`` linear maps).
         skip_overlap: skip offsets ``k`` whose target patches overlap the context row
             (``k * patch_stride < patch_size``).

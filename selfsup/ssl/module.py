@@ -114,7 +114,9 @@ class SSLModule(pl.LightningModule):
     """Base of every self-supervised method.
 
     Args:
-        backbone: backbone name (see :class:`~selfsup.ssl.backbone.Backbone`).
+        backbone: convnet_small (fast, for CPU tests), cifar_resnet18 (3x3 stem, no max-pool) or any timm
+            model name, built with pretrained=False (python -c "import timm; print(timm.list_models('resnet*'))"
+            lists them).
         norm: backbone normalisation layer (``batch``, ``group``, ``layer``) or ``None`` for its own.
         optimizer: ``sgd``, ``adamw`` or ``lars``.
         lr: peak learning rate (reached after warm-up).
