@@ -53,3 +53,13 @@ def test_bad_metric_and_result(sweep, tmp_path):
         plot_sweep(sweep, tmp_path / "x.png", metric="top3")
     with pytest.raises(ConfigError, match="not a label-efficiency result"):
         print_sweep_table({"results": {}})
+
+
+def test_floors_are_told_apart_and_percent_budgets_explained(sweep):
+    from selfsup.eval.report import sweep_figure
+
+    (ax,) = sweep_figure(sweep).axes
+    styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
+    assert styles["random_init (linear)"] == "--" and styles["pixels (linear)"] == ":"
+    assert styles["rotation (linear)"] == "-"
+    assert "percent budget" in ax.get_xlabel() and "50%" in [t.get_text() for t in ax.get_xticklabels()]

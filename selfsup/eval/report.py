@@ -109,27 +109,34 @@ def _x_positions(result: Mapping[str, Any]) -> dict[str, float]:
 
 
 def plot_sweep(result: Mapping[str, Any], path: str | Path, metric: str = "top1") -> Path:
-    """Plot accuracy against labelled images per class (log x) as a PNG; return its path.
+    """Write :func:`sweep_figure` as a PNG (parent folders are created); return its path."""
+    path = Path(path)
+    fig = sweep_figure(result, metric)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def sweep_figure(result: Mapping[str, Any], metric: str = "top1"):
+    """Accuracy against labelled images per class (log x) as a matplotlib Figure.
 
     One line per encoder and method, with a ±1 std band over seeds (``fill_between``); baselines
-    (names starting with "random" or "pixels") are dashed greys. The "all labels" point sits at the mean
+    (names starting with "random" or "pixels") are greys, random init dashed and pixels dotted. The "all labels" point sits at the mean
     number of labels per class and its tick reads "all"; percent budgets read "10%", subset files their
     budget name.
 
     Args:
         result: a :func:`~selfsup.eval.label_efficiency.label_efficiency_sweep` result.
-        path: where to write the PNG (parent folders are created).
         metric: "top1" or "top5".
 
     Returns:
-        The path written.
+        The Figure.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter, NullLocator
 
     _check(result, metric)
-    path = Path(path)
     xs = _x_positions(result)
     # pyplot-free figure: no global backend switch, safe in threads and on headless machines
     fig = Figure(figsize=(7.5, 5.0), layout="constrained")
@@ -138,6 +145,7 @@ def plot_sweep(result: Mapping[str, Any], path: str | Path, metric: str = "top1"
     n_learned = n_base = 0
     for name, methods in result["results"].items():
         baseline = is_baseline(name)
+        floor_style = "--" if name.lower().startswith("random") else ":"  # random init dashed, pixels dotted
         if baseline:
             color, n_base = _BASELINE_GREYS[n_base % len(_BASELINE_GREYS)], n_base + 1
         elif name.lower().startswith("supervised"):
@@ -151,7 +159,7 @@ def plot_sweep(result: Mapping[str, Any], path: str | Path, metric: str = "top1"
             x, mean, std = (np.array(v, dtype=float) for v in zip(*pts, strict=True))
             style, marker = _METHOD_STYLE.get(method, ("-", "o"))
             ax.plot(
-                x, mean, linestyle="--" if baseline else style, marker=marker, markersize=4,
+                x, mean, linestyle=floor_style if baseline else style, marker="x" if baseline else marker, markersize=4,
                 color=color, label=f"{name} ({method})", linewidth=1.4 if baseline else 1.8,
             )  # fmt: skip
             ax.fill_between(
@@ -170,7 +178,9 @@ def plot_sweep(result: Mapping[str, Any], path: str | Path, metric: str = "top1"
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(list(ticks), ["/".join(v) for v in ticks.values()])
-    ax.set_xlabel("labelled images per class (log scale)")
+    has_percent = any(b["k"] is None and b["percent"] is not None and b["name"] != "all" for b in result["budgets"])
+    ax.set_xlabel("labelled images per class (log scale)" + (
+        "; a percent budget sits at its mean count per class" if has_percent else ""))
     ax.set_ylabel(f"{'top-1' if metric == 'top1' else 'top-5'} accuracy (%)")
     dataset = result.get("dataset") or "features"
     n_seeds = len(result.get("seeds", [])) or 1
@@ -179,9 +189,7 @@ def plot_sweep(result: Mapping[str, Any], path: str | Path, metric: str = "top1"
     )
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize="small", loc="best")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return fig
 
 
 def _to_json(obj: Any) -> Any:
