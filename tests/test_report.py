@@ -63,3 +63,13 @@ def test_floors_are_told_apart_and_percent_budgets_explained(sweep):
     assert styles["random_init (linear)"] == "--" and styles["pixels (linear)"] == ":"
     assert styles["rotation (linear)"] == "-"
     assert "percent budget" in ax.get_xlabel() and "50%" in [t.get_text() for t in ax.get_xticklabels()]
+
+
+def test_sweep_table_fits_an_80_column_terminal(sweep):
+    console = Console(record=True, width=80)
+    tables = print_sweep_table(sweep, console=console)
+    text = console.export_text()
+    assert len(tables) > 1 and max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    for word in ("k=1", "k=2", "k=5", "50%", "all", "random_init", "knn"):
+        assert word in text

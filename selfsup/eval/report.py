@@ -51,10 +51,12 @@ def _check(result: Mapping[str, Any], metric: str) -> None:
 
 def print_sweep_table(
     result: Mapping[str, Any], console: Console | None = None, metric: str = "top1"
-) -> Table:
-    """Print one table: a row per encoder and method, a column per budget, cells "mean ± std" in percent.
+) -> list[Table]:
+    """Print the sweep: a row per encoder and method, a column per budget, cells "mean ± std" in percent.
 
-    The best mean of each column among the rows of one method is bold.
+    The best mean of each column among the rows of one method is bold. When the budgets do not fit the
+    console's width (an 80-column terminal), they are split over several tables, each repeating the
+    encoder and method columns, rather than cut to unreadable cells.
 
     Args:
         result: a :func:`~selfsup.eval.label_efficiency.label_efficiency_sweep` result.
@@ -62,38 +64,48 @@ def print_sweep_table(
         metric: "top1" or "top5".
 
     Returns:
-        The printed :class:`rich.table.Table`.
+        The printed :class:`rich.table.Table` (one or more).
     """
     _check(result, metric)
+    console = console or make_console()
     budgets = result["budgets"]
     seeds = result.get("seeds", [])
     title = f"Label efficiency{' on ' + result['dataset'] if result.get('dataset') else ''}: {metric} (%)"
-    table = Table(title=title, caption=f"mean ± std over {len(seeds)} seed(s); (n) = labelled images")
-    table.add_column("encoder", style="bold", no_wrap=True)
-    table.add_column("method", no_wrap=True)
-    for b in budgets:
-        table.add_column(f"{b['name']}\n({b['n_labels']})", justify="right", no_wrap=True)
     best: dict[tuple[str, str], float] = {}
     for methods in result["results"].values():
         for method, entries in methods.items():
             for e in entries:
                 key = (method, e["budget"])
                 best[key] = max(best.get(key, -np.inf), e[f"{metric}_mean"])
-    for name, methods in result["results"].items():
-        for method, entries in methods.items():
-            by_budget = {e["budget"]: e for e in entries}
-            cells = []
-            for b in budgets:
-                e = by_budget.get(b["name"])
-                if e is None:
-                    cells.append("-")
-                    continue
-                mean, std = e[f"{metric}_mean"], e[f"{metric}_std"]
-                cell = f"{mean:.1f} ± {std:.1f}"
-                cells.append(f"[bold]{cell}[/bold]" if mean >= best[(method, b["name"])] else cell)
-            table.add_row(name if not is_baseline(name) else f"[dim]{name}[/dim]", method, *cells)
-    (console or make_console()).print(table)
-    return table
+    names = [n for n in result["results"]] or [""]
+    fixed = max(len("encoder"), *(len(n) for n in names)) + max(len("method"), 8) + 7  # two columns, borders
+    per_table = max(1, (console.width - fixed) // 15)  # "100.0 ± 10.0" plus padding
+    tables = []
+    for start in range(0, len(budgets), per_table):
+        part = budgets[start : start + per_table]
+        last = start + per_table >= len(budgets)
+        table = Table(title=title if start == 0 else None,
+                      caption=f"mean ± std over {len(seeds)} seed(s); (n) = labelled images" if last else None)
+        table.add_column("encoder", style="bold", overflow="fold")
+        table.add_column("method", no_wrap=True)
+        for b in part:
+            table.add_column(f"{b['name']}\n({b['n_labels']})", justify="right", no_wrap=True)
+        for name, methods in result["results"].items():
+            for method, entries in methods.items():
+                by_budget = {e["budget"]: e for e in entries}
+                cells = []
+                for b in part:
+                    e = by_budget.get(b["name"])
+                    if e is None:
+                        cells.append("-")
+                        continue
+                    mean, std = e[f"{metric}_mean"], e[f"{metric}_std"]
+                    cell = f"{mean:.1f} ± {std:.1f}"
+                    cells.append(f"[bold]{cell}[/bold]" if mean >= best[(method, b["name"])] else cell)
+                table.add_row(name if not is_baseline(name) else f"[dim]{name}[/dim]", method, *cells)
+        console.print(table)
+        tables.append(table)
+    return tables
 
 
 def _x_positions(result: Mapping[str, Any]) -> dict[str, float]:
