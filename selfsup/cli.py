@@ -146,6 +146,8 @@ def build_pretrain_parser(sub, method: str) -> argparse.ArgumentParser:
     p.add_argument("--no-online-probe", dest="online_probe", action="store_false", default=argparse.SUPPRESS,
                    help="do not train the online linear probe")
     p.add_argument("--tensorboard", action="store_true", default=argparse.SUPPRESS, help="also log to TensorBoard")
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Lightning's own start-up messages and model summary (hidden by default)")
     p.add_argument("--skip-bad-images", dest="skip_bad", action="store_true", default=argparse.SUPPRESS,
                    help="skip (and count) corrupt or non-image files instead of stopping")
     g = p.add_argument_group("data")
@@ -410,7 +412,7 @@ def _pretrain_config(args: argparse.Namespace) -> tuple[dict, bool]:
         for n in names:
             if n in given:
                 cfg.setdefault(section, {})[n] = given[n]
-    for n in ("output", "name", "seed", "online_probe", "tensorboard", "checkpoint_every"):
+    for n in ("output", "name", "seed", "online_probe", "tensorboard", "checkpoint_every", "verbose"):
         if n in given:
             cfg[n] = given[n]
     return cfg, given["resume"]

@@ -65,6 +65,7 @@ TOP_LEVEL_TYPES: dict[str, str] = {
     "online_probe": "bool",
     "tensorboard": "bool",
     "checkpoint_every": "int | None",
+    "verbose": "bool",
 }
 _MIN_VALUES = {  # smallest valid value of integer settings (-1: "no limit" where Lightning allows it)
     "trainer.max_epochs": -1, "trainer.max_steps": -1, "trainer.num_nodes": 1,
@@ -89,6 +90,7 @@ def default_config(method: str = "rotation") -> dict:
         "online_probe": True,
         "tensorboard": False,
         "checkpoint_every": None,
+        "verbose": False,
     }
 
 

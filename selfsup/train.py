@@ -12,6 +12,7 @@ A run is described by a nested config (the same dict is written to ``runs/<name>
     name: rotation-cifar_resnet18
     online_probe: true
     tensorboard: false
+    verbose: false                                       # Lightning's start-up chatter and model summary
     checkpoint_every: null                               # also checkpoint every N steps
 """
 
@@ -51,6 +52,7 @@ from selfsup.data.datamodule import SelfSupDataModule
 from selfsup.divergence import DivergenceGuard
 from selfsup.errors import ConfigError, TrainingError
 from selfsup.eval.online import OnlineLinearProbe
+from selfsup.quiet import quiet_lightning
 from selfsup.resume import ExactResume, FreshTimer
 from selfsup.runs import claim_run_dir, merge_metrics, set_aside_metrics
 from selfsup.ssl.module import METHODS, SSLModule, build_method
@@ -194,17 +196,23 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
         from pytorch_lightning.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+    # A user sees selfsup's own lines, the progress bar and real warnings; --verbose brings Lightning's back.
+    def quiet():
+        return contextlib.nullcontext() if cfg.get("verbose") else quiet_lightning()
+
     try:
-        trainer = pl.Trainer(
-            **trainer_kwargs,
-            default_root_dir=str(run_dir),
-            callbacks=cbs,
-            logger=loggers,
-            plugins=[AtomicCheckpointIO()],
-            num_sanity_val_steps=0,
-            limit_val_batches=1.0 if (probe or model.validates) and dm.val_set is not None else 0,
-            use_distributed_sampler=False,  # the train loader splits itself over ranks, resumably
-        )
+        with quiet():
+            trainer = pl.Trainer(
+                **trainer_kwargs,
+                enable_model_summary=bool(cfg.get("verbose")),
+                default_root_dir=str(run_dir),
+                callbacks=cbs,
+                logger=loggers,
+                plugins=[AtomicCheckpointIO()],
+                num_sanity_val_steps=0,
+                limit_val_batches=1.0 if (probe or model.validates) and dm.val_set is not None else 0,
+                use_distributed_sampler=False,  # the train loader splits itself over ranks, resumably
+            )
     except (MisconfigurationException, ValueError, TypeError) as err:
         raise ConfigError(f"trainer settings: {str(err).strip().splitlines()[0]}") from None
     if launcher_zero:
@@ -212,7 +220,7 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         set_aside_metrics(run_dir)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet():
             # metrics.csv was set aside above and is merged back below: nothing is deleted.
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)

@@ -131,3 +131,21 @@ def test_backbone_and_patch_help_say_what_they_take(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "cifar_resnet18" in out and "timm" in out
     assert "--patch-size INT patch side in pixels" in out and "--patch-stride INT step between patches" in out
+
+
+def test_pretrain_output_is_selfsups_own_unless_verbose(tmp_path, monkeypatch, capfd):
+    from selfsup import cli
+    from selfsup.train import RUN_DIR_ENV
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(RUN_DIR_ENV, "")
+    base = ["pretrain", "--backbone", "convnet_small", "--data", "digits", "--image-size", "8", "--max-steps", "1",
+            "--log-every-n-steps", "1", "--no-online-probe"]
+    assert cli.main([*base, "--name", "quiet"]) == 0
+    out = "".join(capfd.readouterr())
+    assert "run written to" in out
+    for chatter in ("GPU available", "TPU available", "Total FLOPs", "Tip:", "stepping batches"):
+        assert chatter not in out
+    assert cli.main([*base, "--name", "loud", "--verbose"]) == 0
+    out = "".join(capfd.readouterr())
+    assert "Total params" in out  # the model summary (Lightning's info lines go to logging, captured by pytest)
