@@ -29,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -116,6 +117,7 @@ def _time_steps(model: pl.LightningModule, images, labels, preset: dict) -> floa
     n = preset["warmup"] + preset["steps"]
     loader = DataLoader(_Repeat(images, labels, n), batch_size=None, num_workers=0)
     trainer = pl.Trainer(
+        default_root_dir=tempfile.mkdtemp(prefix="selfsup-speed-"),  # a method's sample grids land there, not here
         accelerator=preset["device"], devices=1, precision=preset["precision"], max_steps=n, max_epochs=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0,
