@@ -28,8 +28,8 @@ from selfsup.pretext.lab import (
     smooth_prior,
     soft_encode,
 )
-from selfsup.pretext.task import Task, register_task
-from selfsup.ssl.module import SSLModule, register_method
+from selfsup.pretext.task import Task, TaskMethod, register_task
+from selfsup.ssl.module import register_method
 
 LOSSES = ("ce", "l2")
 AB_SCALE = 100.0
@@ -172,7 +172,7 @@ def colorization_grid(images: torch.Tensor, colorized: torch.Tensor, path: str |
 
 
 @register_method("colorization")
-class Colorization(SSLModule):
+class Colorization(TaskMethod):
     """Colorization as a pretext task (Zhang et al. 2016): the backbone sees L, a decoder predicts ab.
 
     At the end of each validation epoch a grid of validation images (grey input, prediction, truth) is
@@ -208,8 +208,6 @@ class Colorization(SSLModule):
         )
         self._grid_batch: torch.Tensor | None = None
 
-    def loss(self, batch):
-        return self.task(self.augment(batch[0]), self.backbone, self.normalize)
 
     @torch.no_grad()
     def colorize(self, images: torch.Tensor) -> torch.Tensor:

@@ -17,21 +17,11 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from selfsup.errors import ConfigError
-from selfsup.pretext.patches import (
-    GRID,
-    TileGrid,
-    check_tile_options,
-    concat_head,
-    cut_tiles,
-    resize_tiles,
-    square_side,
-)
-from selfsup.pretext.task import Task, register_task
-from selfsup.ssl.cpc import PatchAugment
-from selfsup.ssl.module import SSLModule, register_method
+from selfsup.pretext.patches import GRID, TileTask, cut_tiles
+from selfsup.pretext.task import TaskMethod, register_task
+from selfsup.ssl.module import register_method
 
 TILES = GRID * GRID
 
@@ -82,7 +72,7 @@ def shuffle_tiles(tiles: torch.Tensor, perms: torch.Tensor, labels: torch.Tensor
 
 
 @register_task("jigsaw")
-class JigsawTask(Task):
+class JigsawTask(TileTask):
     """Nine shuffled tiles through the backbone, a ``num_permutations``-way MLP on their concatenated features.
 
     Args: see :class:`Jigsaw`.
@@ -100,31 +90,20 @@ class JigsawTask(Task):
         color_drop: float = 0.0,
         head_hidden: int = 512,
     ) -> None:
-        super().__init__()
-        check_tile_options(patch_size, patch_gap, patch_resize)
-        self.patch_size, self.patch_gap, self.patch_resize = patch_size, patch_gap, patch_resize
+        super().__init__(TILES, num_features, num_permutations, patch_size=patch_size, patch_gap=patch_gap,
+                         patch_resize=patch_resize, color_drop=color_drop, head_hidden=head_hidden)
         perms, _ = permutation_set(num_permutations)
         self.register_buffer("perms", torch.from_numpy(perms), persistent=False)  # (P, 9), regenerated
-        self.augment = PatchAugment(color_drop=color_drop, flip=0.0)
-        self.head = concat_head(TILES * num_features, head_hidden, num_permutations)
 
     def forward(self, x, backbone, prepare):
-        grid = TileGrid.for_image(square_side(x), self.patch_size, self.patch_gap)
-        b = x.shape[0]
+        grid, b = self.grid(x), x.shape[0]
         tiles = cut_tiles(prepare(x), grid.origins(b, x.device, random=self.training), grid.patch)  # (B, 9, C, p, p)
         labels = torch.randint(0, self.perms.shape[0], (b,), device=x.device)  # (B,)
-        tiles = resize_tiles(shuffle_tiles(tiles, self.perms, labels).flatten(0, 1), self.patch_resize)  # (9B, C, p', p')
-        if self.training:
-            tiles = self.augment(tiles)
-        feats = backbone(tiles).view(b, -1)  # (9B, D) -> (B, 9D), in shuffled order
-        logits = self.head(feats)
-        loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(1) == labels).float().mean()
-        return {"loss": loss, "jigsaw_acc": acc}
+        return self.classify(shuffle_tiles(tiles, self.perms, labels), labels, backbone)
 
 
 @register_method("jigsaw")
-class Jigsaw(SSLModule):
+class Jigsaw(TaskMethod):
     """Jigsaw puzzle of 3x3 tiles (Noroozi & Favaro 2016); the exported encoder encodes whole images.
 
     The tile grid follows the size of the training images, as for relative position (see
@@ -158,5 +137,3 @@ class Jigsaw(SSLModule):
             patch_gap=patch_gap, patch_resize=patch_resize, color_drop=color_drop, head_hidden=head_hidden,
         )
 
-    def loss(self, batch):
-        return self.task(self.augment(batch[0]), self.backbone, self.normalize)

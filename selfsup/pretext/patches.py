@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 from selfsup.errors import ConfigError
+from selfsup.pretext.task import Task
 
 GRID = 3
 """Tiles per side of the grid (both papers use 3x3)."""
@@ -158,3 +160,43 @@ def concat_head(in_features: int, hidden: int, classes: int) -> torch.nn.Module:
     return nn.Sequential(
         nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, classes)
     )
+
+
+class TileTask(Task):
+    """What the tile tasks share: tile options, per-tile augmentation, an MLP over concatenated tile features.
+
+    A subclass cuts its tiles ``(B, T, C, p, p)`` and labels ``(B,)`` from the prepared images on the
+    :meth:`grid` of their size, and hands them to :meth:`classify`.
+
+    Args: the tile options of :class:`~selfsup.pretext.relative_position.RelativePosition`.
+    """
+
+    def __init__(
+        self, tiles_per_image: int, num_features: int, classes: int, *, patch_size: int | None,
+        patch_gap: int | None, patch_resize: int | None, color_drop: float, head_hidden: int,
+    ) -> None:
+        super().__init__()
+        from selfsup.ssl.cpc import PatchAugment
+
+        check_tile_options(patch_size, patch_gap, patch_resize)
+        self.patch_size, self.patch_gap, self.patch_resize = patch_size, patch_gap, patch_resize
+        self.augment = PatchAugment(color_drop=color_drop, flip=0.0)
+        self.head = concat_head(tiles_per_image * num_features, head_hidden, classes)
+
+    def grid(self, x: torch.Tensor) -> TileGrid:
+        """The tile grid of square images ``x`` with this task's options."""
+        return TileGrid.for_image(square_side(x), self.patch_size, self.patch_gap)
+
+    def classify(self, tiles: torch.Tensor, labels: torch.Tensor, backbone) -> dict[str, torch.Tensor]:
+        """Every tile through the backbone in one pass, their features concatenated per image, cross-entropy.
+
+        Shape:
+            - Input: tiles ``(B, T, C, p, p)``, labels ``(B,)``
+        """
+        b = tiles.shape[0]
+        flat = resize_tiles(tiles.flatten(0, 1), self.patch_resize)  # (B, T, C, p, p) -> (B*T, C, p', p')
+        if self.training:
+            flat = self.augment(flat)
+        logits = self.head(backbone(flat).view(b, -1))  # (B*T, D) -> (B, T*D), tile order kept
+        loss = F.cross_entropy(logits, labels)
+        return {"loss": loss, f"{self.task_name}_acc": (logits.argmax(1) == labels).float().mean()}

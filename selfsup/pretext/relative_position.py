@@ -13,19 +13,10 @@ three colour channels replaced by faint noise, so chromatic aberration cannot te
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from selfsup.pretext.patches import (
-    TileGrid,
-    check_tile_options,
-    concat_head,
-    cut_tiles,
-    resize_tiles,
-    square_side,
-)
-from selfsup.pretext.task import Task, register_task
-from selfsup.ssl.cpc import PatchAugment
-from selfsup.ssl.module import SSLModule, register_method
+from selfsup.pretext.patches import TileGrid, TileTask, cut_tiles
+from selfsup.pretext.task import TaskMethod, register_task
+from selfsup.ssl.module import register_method
 
 CENTRE = 4
 NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)
@@ -58,7 +49,7 @@ def patch_pairs(
 
 
 @register_task("relative_position")
-class RelativePositionTask(Task):
+class RelativePositionTask(TileTask):
     """Centre and neighbour tiles through the backbone, an 8-way MLP on their concatenated features.
 
     Args: see :class:`RelativePosition`.
@@ -75,28 +66,16 @@ class RelativePositionTask(Task):
         color_drop: float = 0.0,
         head_hidden: int = 512,
     ) -> None:
-        super().__init__()
-        check_tile_options(patch_size, patch_gap, patch_resize)
-        self.patch_size, self.patch_gap, self.patch_resize = patch_size, patch_gap, patch_resize
-        self.augment = PatchAugment(color_drop=color_drop, flip=0.0)
-        self.head = concat_head(2 * num_features, head_hidden, len(NEIGHBOURS))
+        super().__init__(2, num_features, len(NEIGHBOURS), patch_size=patch_size, patch_gap=patch_gap,
+                         patch_resize=patch_resize, color_drop=color_drop, head_hidden=head_hidden)
 
     def forward(self, x, backbone, prepare):
-        grid = TileGrid.for_image(square_side(x), self.patch_size, self.patch_gap)
-        pairs, labels = patch_pairs(prepare(x), grid, random=self.training)  # (B, 2, C, p, p), (B,)
-        b = pairs.shape[0]
-        tiles = resize_tiles(pairs.flatten(0, 1), self.patch_resize)  # (B, 2, C, p, p) -> (2B, C, p', p')
-        if self.training:
-            tiles = self.augment(tiles)
-        feats = backbone(tiles).view(b, -1)  # (2B, D) -> (B, 2D): centre then neighbour
-        logits = self.head(feats)
-        loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(1) == labels).float().mean()
-        return {"loss": loss, "relative_position_acc": acc}
+        pairs, labels = patch_pairs(prepare(x), self.grid(x), random=self.training)  # (B, 2, C, p, p), (B,)
+        return self.classify(pairs, labels, backbone)
 
 
 @register_method("relative_position")
-class RelativePosition(SSLModule):
+class RelativePosition(TaskMethod):
     """Relative patch position, 8-way (Doersch et al. 2015); the exported encoder encodes whole images.
 
     The tile grid follows the size of the training images (:meth:`TileGrid.for_image`): at 32 px,
@@ -130,5 +109,3 @@ class RelativePosition(SSLModule):
             patch_resize=patch_resize, color_drop=color_drop, head_hidden=head_hidden,
         )
 
-    def loss(self, batch):
-        return self.task(self.augment(batch[0]), self.backbone, self.normalize)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.errors import ConfigError
-from selfsup.pretext.task import Task, register_task
-from selfsup.ssl.module import SSLModule, register_method
+from selfsup.pretext.task import Task, TaskMethod, register_task
+from selfsup.ssl.module import register_method
 
 
 def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +60,7 @@ class RotationTask(Task):
 
 
 @register_method("rotation")
-class Rotation(SSLModule):
+class Rotation(TaskMethod):
     """4-way rotation classification on the pooled backbone features (Gidaris et al. 2018).
 
     Args:
@@ -71,5 +71,3 @@ class Rotation(SSLModule):
         super().__init__(**(self.base_defaults | base))
         self.task = RotationTask(self.num_features, self.backbone.in_chans, head_hidden=head_hidden)
 
-    def loss(self, batch):
-        return self.task(self.augment(batch[0]), self.backbone, self.normalize)

@@ -16,6 +16,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from selfsup.ssl.module import SSLModule
+
 TASKS: dict[str, type[Task]] = {}
 """Registered pretext tasks by name; ``multitask --tasks`` reads it."""
 
@@ -58,3 +60,15 @@ class Task(nn.Module):
             ``features``: detached pooled features ``(B, D)`` of the batch's images, in batch order.
         """
         raise NotImplementedError
+
+
+class TaskMethod(SSLModule):
+    """A method that is one :class:`Task` on the shared backbone (rotation, colorization, ...).
+
+    A subclass builds ``self.task`` in its constructor; the loss is the task's on the augmented batch.
+    """
+
+    task: Task
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.task(self.augment(batch[0]), self.backbone, self.normalize)
