@@ -77,13 +77,10 @@ def atomic_save(writer: Callable[[str], Any], path: str | Path) -> None:
     tmp = temp_path(path)
     try:
         writer(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        finish_temp(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
 
 
 def finish_temp(tmp: str | Path, path: str | Path) -> None:
