@@ -26,6 +26,7 @@ Writes ``benchmarks/results/quality_<preset>.{json,md,png}`` and prints the mark
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -127,15 +128,32 @@ def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: 
     from selfsup.ssl.module import load_encoder
 
     src = harness.resolve_source(str(run_dir))
-    ev = harness.prepare(src, progress=False, batch_size=512)
-    probe = harness.evaluate(ev, "probe")
-    knn20 = harness.evaluate(ev, "knn", k=20)
-    knn200 = harness.evaluate(ev, "knn", k=200, temperature=0.07)
+    # One feature cache for every method: the random-init floors (seeded, so the same weights for the same
+    # architecture) and raw pixels are extracted once, and their scores below are computed once.
+    ev = harness.prepare(src, progress=False, batch_size=512, cache_dir=run_dir.parent.parent / "features")
     encoders = {name: harness.arrays(pair) for name, pair in ev.features.items()}
     # subsets keyed by the images' relative paths: the same wherever the data lives
     common = {"ks": list(preset["ks"]), "seeds": list(preset["seeds"]), "dataset_key": ev.dataset_key,
               "keys": ev.keys, "progress": False}
-    sweep = label_efficiency_sweep(encoders, methods=["linear"], **common)
+    memo_file = run_dir.parent.parent / "results" / "_baselines.json"
+    memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+
+    def scores(name: str) -> dict:
+        """Probe, kNN and label-efficiency scores of one encoder (a baseline's from the memo when known)."""
+        pair = ev.features[name]
+        key = f"{pair[0].path.name}|{pair[1].path.name}"  # the cache files: named by encoder, data and transform
+        if name != src.name and key in memo:
+            return memo[key]
+        one = dataclasses.replace(ev, features={name: pair})
+        out = {"probe": harness.evaluate(one, "probe")[name], "knn20": harness.evaluate(one, "knn", k=20)[name],
+               "knn200": harness.evaluate(one, "knn", k=200, temperature=0.07)[name],
+               "sweep": label_efficiency_sweep({name: encoders[name]}, methods=["linear"], **common)["results"][name]}
+        if name != src.name:
+            memo[key] = out
+            memo_file.write_text(json.dumps(memo) + "\n")
+        return out
+
+    scored = {name: scores(name) for name in ev.features}
     num_classes = len(ev.train.classes)
     any_arrays = next(iter(encoders.values()))
 
@@ -164,15 +182,16 @@ def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: 
     rows = {}
     for name in ev.features:
         role = "method" if name == src.name else ("pixels" if name == "pixels" else "random init")
+        sc = scored[name]
         rows[role] = {
             "encoder": name,
-            "linear_top1": probe[name]["top1"], "linear_top5": probe[name]["top5"],
-            "knn20_top1": knn20[name]["top1"], "knn200_t007_top1": knn200[name]["top1"],
+            "linear_top1": sc["probe"]["top1"], "linear_top5": sc["probe"]["top5"],
+            "knn20_top1": sc["knn20"]["top1"], "knn200_t007_top1": sc["knn200"]["top1"],
             "label_efficiency": {
                 e["budget"]: {"mean": e["top1_mean"], "std": e["top1_std"], "n_labels": e["n_labels"]}
-                for e in sweep["results"][name]["linear"]
+                for e in sc["sweep"]["linear"]
             },
-            "features": probe[name]["features"],
+            "features": sc["probe"]["features"],
         }
     if finetuned:
         rows["method"]["finetune"] = {e["budget"]: {"mean": e["top1_mean"], "std": e["top1_std"]} for e in finetuned}
