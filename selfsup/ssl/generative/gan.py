@@ -405,8 +405,9 @@ class DCGAN(AdversarialModule):
     online probe reads D's features of the (augmented, normalised) reals from that same pass.
 
     Args:
-        probe_features: ``all_layers`` (the paper's, above) or ``pooled`` (the global-average-pooled
-            last layer, ``num_features`` of the backbone); recorded in the export's config and note.
+        probe_features: ``all_layers`` (the paper's: every stage of D's backbone max-pooled to 4x4 and
+            concatenated) or ``pooled`` (its global-average-pooled last layer); recorded in the export's
+            config and note.
     """
 
     def __init__(self, *, probe_features: str = "all_layers", **base) -> None:
