@@ -155,7 +155,7 @@ def test_export_round_trip_reproduces_encode(cls, kw, tmp_path):
     assert expected.shape == (4, m.num_features) and enc.num_features == config["num_features"] == m.num_features
     if cls is DCGAN:
         pooled = kw.get("probe_features") == "pooled"
-        assert config["hparams"]["probe_features"] == ("pooled" if pooled else "all_layers")
+        assert config["hparams"]["probe_features"] == config["probe_features"] == ("pooled" if pooled else "all_layers")
         assert m.num_features == (128 if pooled else 16 * (32 + 64 + 128 + 128))
         assert ("global-average-pooled last layer" if pooled else "every stage") in config["note"]
 
@@ -256,7 +256,8 @@ def test_cli_dcgan_writes_samples_and_probes_pooled_features(tmp_path, monkeypat
     assert (run / "samples" / "epoch_000.png").read_bytes()[:4] == b"\x89PNG"
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"train/d_loss", "train/g_loss", "train/d_real_acc", "train/d_fake_acc", "train/online_loss"} <= set(metrics)
-    assert "global-average-pooled last layer of the DCGAN discriminator (128 features)" in r.stdout
+    assert "probed (online and exported): the global-average-pooled last layer of the DCGAN discriminator (128 " \
+        "features)" in r.stdout
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["probe_features"] == "pooled"
     enc = selfsup.load_encoder(run / "export")
     assert enc.config["hparams"]["probe_features"] == "pooled" and "pooled" in enc.config["note"]

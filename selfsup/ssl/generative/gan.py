@@ -455,13 +455,15 @@ class DCGAN(AdversarialModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.trainer.is_global_zero:
-            print(f"dcgan: the online probe and the export use {PROBE_FEATURES[self.hparams.probe_features]} "
+            print(f"dcgan: features probed (online and exported): {PROBE_FEATURES[self.hparams.probe_features]} "
                   f"({self.num_features} features)")
 
     def export(self, directory, data=None):
         directory = super().export(directory, data)
         cfg = json.loads((directory / "config.json").read_text())
-        cfg["note"] = (f"features: {PROBE_FEATURES[self.hparams.probe_features]}, trained on this data "
-                       "(Radford et al. pooled all layers of a discriminator trained on ImageNet-1k)")
+        # top level, not only in hparams: an evaluation's result JSON records the config without its hparams
+        cfg["probe_features"] = self.hparams.probe_features
+        cfg["note"] = (f"features: {PROBE_FEATURES[self.hparams.probe_features]}; the discriminator was trained "
+                       "on this data (Radford et al.'s on ImageNet-1k)")
         (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         return directory
