@@ -10,7 +10,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 import selfsup
-from selfsup.errors import ConfigError
+from selfsup.errors import CheckpointError, ConfigError
 from selfsup.ssl.backbone import Backbone
 from selfsup.ssl.generative.gan import (
     DCGAN,
@@ -158,6 +158,20 @@ def test_export_round_trip_reproduces_encode(cls, kw, tmp_path):
         assert config["hparams"]["probe_features"] == config["probe_features"] == ("pooled" if pooled else "all_layers")
         assert m.num_features == (128 if pooled else 16 * (32 + 64 + 128 + 128))
         assert ("global-average-pooled last layer" if pooled else "every stage") in config["note"]
+
+
+def test_dcgan_export_from_before_probe_features_is_refused_not_reread(tmp_path):
+    """An export written when DCGAN probed its pooled last layer must not load as all-layer features."""
+    m = _model(DCGAN, probe_features="pooled")
+    m.export(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["hparams"]["probe_features"], cfg["probe_features"]  # as written before the option existed
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="exported with 128 features.*5632.*now at their defaults: probe_features"):
+        selfsup.load_encoder(tmp_path)
+    cfg["hparams"]["probe_features"] = "pooled"  # the fix the message points to
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert selfsup.load_encoder(tmp_path).num_features == 128
 
 
 def _naive_max_pool(fmap: torch.Tensor, grid: int = 4) -> torch.Tensor:
