@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from selfsup.checkpoint import atomic_write_text
 from selfsup.errors import ConfigError
 from selfsup.ssl.module import ImageEncoder, SSLModule, register_method
 from selfsup.ssl.stage_features import GRID, StageFeatureEncoder, max_pool_stages
@@ -465,5 +466,5 @@ class DCGAN(AdversarialModule):
         cfg["probe_features"] = self.hparams.probe_features
         cfg["note"] = (f"features: {PROBE_FEATURES[self.hparams.probe_features]}; the discriminator was trained "
                        "on this data (Radford et al.'s on ImageNet-1k)")
-        (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        atomic_write_text(directory / "config.json", json.dumps(cfg, indent=2) + "\n")
         return directory
