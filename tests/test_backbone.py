@@ -56,7 +56,7 @@ def test_bad_names_fail_clearly():
 
 @pytest.mark.parametrize(("name", "size", "reductions"), [("convnet_small", 16, [1, 2, 4, 8]),
                                                           ("cifar_resnet18", 16, [1, 1, 2, 4, 8]),
-                                                          ("resnet18", 64, [2, 4, 8, 16, 32])])
+                                                          ("resnet18", 32, [2, 4, 8, 16, 32])])
 def test_forward_intermediates_gives_every_stage_and_the_feature_map(name, size, reductions):
     net = Backbone(name).eval()
     x = torch.randn(2, 3, size, size)
