@@ -52,3 +52,16 @@ def test_bad_names_fail_clearly():
         Backbone("resnet_typo")
     with pytest.raises(ConfigError, match="norm must be one of"):
         Backbone("convnet_small", norm="instance")
+
+
+@pytest.mark.parametrize(("name", "size", "reductions"), [("convnet_small", 16, [1, 2, 4, 8]),
+                                                          ("cifar_resnet18", 16, [1, 1, 2, 4, 8]),
+                                                          ("resnet18", 32, [2, 4, 8, 16, 32])])
+def test_forward_intermediates_gives_every_stage_and_the_feature_map(name, size, reductions):
+    net = Backbone(name).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        last, stages = net.forward_intermediates(x)
+        assert torch.equal(last, net.forward_features(x))  # one pass gives both
+    assert net.has_stages and [s.shape[1] for s in stages] == net.stage_channels
+    assert [size // s.shape[-1] for s in stages] == reductions and stages[-1].shape[1] == net.num_features

@@ -1,6 +1,7 @@
 """BiGAN/ALI and DCGAN: the losses, which player each step moves, a short stable run, export, CLI and resume."""
 
 import json
+import math
 
 import pytest
 import pytorch_lightning as pl
@@ -9,7 +10,8 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 import selfsup
-from selfsup.errors import ConfigError
+from selfsup.errors import CheckpointError, ConfigError
+from selfsup.ssl.backbone import Backbone
 from selfsup.ssl.generative.gan import (
     DCGAN,
     BiGAN,
@@ -129,16 +131,18 @@ def test_short_run_steps_each_player_only_and_stays_finite(cls, tmp_path):
     assert moved_d == d_names and moved_g == g_names  # and, over the run, all of it
     for out in watch.outputs:
         assert torch.isfinite(out["d_loss"]) and torch.isfinite(out["g_loss"])
+        # the online probe's features come from the training pass (BiGAN: E's; DCGAN: D's, every stage)
+        assert out["features"].shape == (8, m.num_features) and not out["features"].requires_grad
     samples = m.sample(16)
     assert torch.isfinite(samples).all() and samples.std(0).mean() > 1e-3  # samples differ from each other
     assert (tmp_path / "samples" / "epoch_000.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "samples" / "recon_epoch_000.png").is_file() == (cls is BiGAN)
 
 
-@pytest.mark.parametrize("cls", [BiGAN, DCGAN])
-def test_export_round_trip_reproduces_encode(cls, tmp_path):
+@pytest.mark.parametrize(("cls", "kw"), [(BiGAN, {}), (DCGAN, {}), (DCGAN, {"probe_features": "pooled"})])
+def test_export_round_trip_reproduces_encode(cls, kw, tmp_path):
     torch.manual_seed(0)
-    m = _model(cls)
+    m = _model(cls, **kw)
     perturb_(m)
     m.eval()
     x = torch.rand(4, 3, 16, 16)
@@ -147,9 +151,109 @@ def test_export_round_trip_reproduces_encode(cls, tmp_path):
     enc = selfsup.load_encoder(tmp_path)
     with torch.no_grad():
         assert torch.equal(enc(x), expected)
-    assert expected.shape == (4, m.backbone.num_features)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert expected.shape == (4, m.num_features) and enc.num_features == config["num_features"] == m.num_features
     if cls is DCGAN:
-        assert "discriminator" in json.loads((tmp_path / "config.json").read_text())["note"]
+        pooled = kw.get("probe_features") == "pooled"
+        assert config["hparams"]["probe_features"] == config["probe_features"] == ("pooled" if pooled else "all_layers")
+        assert m.num_features == (128 if pooled else 16 * (32 + 64 + 128 + 128))
+        assert ("global-average-pooled last layer" if pooled else "every stage") in config["note"]
+
+
+def test_dcgan_export_from_before_probe_features_is_refused_not_reread(tmp_path):
+    """An export written when DCGAN probed its pooled last layer must not load as all-layer features."""
+    m = _model(DCGAN, probe_features="pooled")
+    m.export(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["hparams"]["probe_features"], cfg["probe_features"]  # as written before the option existed
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="exported with 128 features.*5632.*now at their defaults: probe_features"):
+        selfsup.load_encoder(tmp_path)
+    cfg["hparams"]["probe_features"] = "pooled"  # the fix the message points to
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert selfsup.load_encoder(tmp_path).num_features == 128
+
+
+def _naive_max_pool(fmap: torch.Tensor, grid: int = 4) -> torch.Tensor:
+    """Adaptive max pooling by its definition, cell by cell: rows floor(i*H/g) to ceil((i+1)*H/g). (B, C*g*g)."""
+    h, w = fmap.shape[-2:]
+    cells = torch.empty(*fmap.shape[:2], grid, grid)
+    for i in range(grid):
+        for j in range(grid):
+            rows = slice(i * h // grid, math.ceil((i + 1) * h / grid))
+            cols = slice(j * w // grid, math.ceil((j + 1) * w / grid))
+            cells[:, :, i, j] = fmap[:, :, rows, cols].amax(dim=(2, 3))
+    return cells.flatten(1)
+
+
+def _stages_by_hand(backbone: Backbone, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each stage of the two registered nets, run layer by layer without forward_intermediates."""
+    net = backbone.model
+    if backbone.name == "convnet_small":
+        out = []
+        for block in net.features:
+            x = block(x)
+            out.append(x)
+        return out
+    out = [net.act1(net.bn1(net.conv1(x)))]  # cifar_resnet18: the stem (its max-pool is an identity), 4 stages
+    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+        out.append(layer(out[-1]))
+    return out
+
+
+@pytest.mark.parametrize(("backbone", "channels"), [("convnet_small", [32, 64, 128, 128]),
+                                                     ("cifar_resnet18", [64, 64, 128, 256, 512])])
+def test_dcgan_all_layer_features_match_stages_run_by_hand(backbone, channels):
+    torch.manual_seed(0)
+    m = DCGAN(**{**SMALL, "backbone": backbone})
+    perturb_(m)
+    for mod in m.modules():  # running statistics away from (0, 1): eval-mode features depend on them
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    m.eval()
+    enc = m.encoder()
+    assert enc.num_features == m.num_features == 16 * sum(channels)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = torch.rand(3, 3, 16, 16)  # 16 px: stages of 16, 8, 4 and 2 px (the 2 px ones are repeated up to 4x4)
+    with torch.no_grad():
+        stages = _stages_by_hand(m.backbone, (x - mean[:, None, None]) / std[:, None, None])
+        assert [s.shape[1] for s in stages] == channels
+        expected = torch.cat([_naive_max_pool(s) for s in stages], dim=1)
+        got = enc(x)
+    assert got.shape == (3, 16 * sum(channels))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # uint8 in: the same as its [0, 1] floats
+        u8 = (x * 255).round().to(torch.uint8)
+        torch.testing.assert_close(enc(u8), enc(u8.float() / 255))
+
+
+@pytest.mark.parametrize("probe_features", ["all_layers", "pooled"])
+def test_dcgan_discriminator_pass_gives_the_exported_features_of_the_reals(probe_features):
+    """The online probe's training features come from D's pass on reals + fakes; in eval mode they are the export's."""
+    torch.manual_seed(0)
+    m = _model(DCGAN, probe_features=probe_features)
+    perturb_(m)
+    m.eval()
+    x, fake = torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        real_logits, fake_logits, feats = m.d_logits(m.normalize(x), m.normalize(fake), None, None, features=True)
+        torch.testing.assert_close(feats, m.encode(x), rtol=1e-5, atol=1e-5)
+        # the logits do not depend on whether the features were asked for
+        plain = m.d_logits(m.normalize(x), m.normalize(fake), None, None)
+    assert plain[2] is None
+    torch.testing.assert_close(torch.cat([real_logits, fake_logits]), torch.cat(plain[:2]), rtol=1e-6, atol=1e-6)
+
+
+def test_dcgan_bad_probe_features_is_one_config_error_line(monkeypatch):
+    with pytest.raises(ConfigError) as err:
+        _model(DCGAN, probe_features="all")
+    assert "probe_features" in str(err.value) and "'all'" in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setattr(Backbone, "has_stages", property(lambda self: False))  # a timm model without stages
+    with pytest.raises(ConfigError, match="probe_features='pooled'") as err:
+        _model(DCGAN)
+    assert "\n" not in str(err.value)
+    assert _model(DCGAN, probe_features="pooled").num_features == 128
 
 
 FAST = ["--backbone", "convnet_small", "--data", "digits", "--image-size", "16", "--batch-size", "256",
@@ -157,15 +261,21 @@ FAST = ["--backbone", "convnet_small", "--data", "digits", "--image-size", "16",
 
 
 @pytest.mark.slow
-def test_cli_dcgan_writes_samples(tmp_path, monkeypatch):
+def test_cli_dcgan_writes_samples_and_probes_pooled_features(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the subprocess's torch: one thread, as above
-    r = run_cli("pretrain", "--method", "dcgan", *FAST, "--max-steps", "6", "--no-online-probe", "--name", "d",
-                cwd=tmp_path)
+    r = run_cli("pretrain", "--method", "dcgan", *FAST, "--max-steps", "6", "--probe-features", "pooled",
+                "--name", "d", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "d"
     assert (run / "samples" / "epoch_000.png").read_bytes()[:4] == b"\x89PNG"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {"train/d_loss", "train/g_loss", "train/d_real_acc", "train/d_fake_acc"} <= set(metrics)
+    assert {"train/d_loss", "train/g_loss", "train/d_real_acc", "train/d_fake_acc", "train/online_loss"} <= set(metrics)
+    assert "probed (online and exported): the global-average-pooled last layer of the DCGAN discriminator (128 " \
+        "features)" in r.stdout
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["probe_features"] == "pooled"
+    enc = selfsup.load_encoder(run / "export")
+    assert enc.config["hparams"]["probe_features"] == "pooled" and "pooled" in enc.config["note"]
+    assert enc(torch.rand(2, 3, 16, 16)).shape == (2, 128)
 
 
 @pytest.mark.slow

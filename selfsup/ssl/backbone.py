@@ -1,7 +1,8 @@
 """The shared backbone: any timm model or a registered small CIFAR-style net.
 
-Every method in selfsup owns one :class:`Backbone` and talks to it through three things only:
-``forward_features`` (the feature map), ``forward`` (the pooled vector) and ``num_features``.
+Every method in selfsup owns one :class:`Backbone` and talks to it through ``forward_features`` (the
+feature map), ``forward`` (the pooled vector) and ``num_features``; a method that probes every stage
+(DCGAN, as Radford et al. did) uses ``forward_intermediates`` and ``stage_channels``, timm's own API.
 timm models are always built with ``pretrained=False``: selfsup never downloads weights.
 """
 
@@ -53,7 +54,10 @@ def _conv_block(cin: int, cout: int, stride: int, norm_layer: type[nn.Module]) -
 
 
 class ConvNetSmall(nn.Module):
-    """Four 3x3 conv blocks (32-64-128-128 channels, three stride-2), global average pool: for fast CPU tests."""
+    """Four 3x3 conv blocks (32-64-128-128 channels, three stride-2), global average pool: for fast CPU tests.
+
+    Its ``feature_info`` and ``forward_intermediates`` follow timm's API: every block is a stage.
+    """
 
     def __init__(self, in_chans: int = 3, norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
@@ -64,10 +68,21 @@ class ConvNetSmall(nn.Module):
             cin = w
         self.features = nn.Sequential(*layers)
         self.num_features = widths[-1]
+        self.feature_info = [
+            {"num_chs": w, "reduction": 2 ** i, "module": f"features.{i}"} for i, w in enumerate(widths)
+        ]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Forward pass through feature extraction layers."""
         return self.features(x)
+
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward features that returns intermediates: the last map and every block's output."""
+        intermediates = []
+        for block in self.features:
+            x = block(x)
+            intermediates.append(x)
+        return x, intermediates
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
         """Global average pool of the feature map."""
@@ -103,6 +118,8 @@ class Backbone(nn.Module):
     Shape:
         - forward_features: ``(B, in_chans, H, W) -> (B, C, h, w)`` (tokens ``(B, N, C)`` for ViTs)
         - forward: ``(B, in_chans, H, W) -> (B, num_features)``
+        - forward_intermediates: ``(B, in_chans, H, W)`` -> the map of ``forward_features`` and a list
+          with one ``(B, stage_channels[i], h_i, w_i)`` map per stage
 
     >>> net = Backbone("convnet_small")
     >>> net(torch.zeros(2, 3, 32, 32)).shape
@@ -132,6 +149,24 @@ class Backbone(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Forward pass through feature extraction layers."""
         return self.model.forward_features(x)
+
+    @property
+    def has_stages(self) -> bool:
+        """Whether the model exposes its stages: timm's ``forward_intermediates`` and a ``feature_info`` list."""
+        info = getattr(self.model, "feature_info", None)
+        return hasattr(self.model, "forward_intermediates") and isinstance(info, list) and len(info) > 0
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """Channels of each stage output of :meth:`forward_intermediates`, from the model's ``feature_info``."""
+        if not self.has_stages:
+            raise ConfigError(f"backbone {self.name!r} does not expose its stages (timm's forward_intermediates "
+                              "and feature_info)")
+        return [int(stage["num_chs"]) for stage in self.model.feature_info]
+
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One pass: the feature map of :meth:`forward_features` and every stage's output (NCHW)."""
+        return self.model.forward_intermediates(x)
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """Pool a feature map from :meth:`forward_features` into one vector per image."""

@@ -394,6 +394,13 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
             raise CheckpointError(f"{cfg_path}: no {key!r} entry; expected a config written by SSLModule.export")
     model = build_method(config["method"], config["hparams"], where=str(cfg_path))
     enc = model.encoder()
+    recorded = config.get("num_features")
+    if isinstance(recorded, int) and recorded != int(enc.num_features):
+        # same weights, other features: a default changed since the export (DCGAN's probe_features did)
+        unset = [k for k in method_arguments(type(model)) if k not in config["hparams"]]
+        hint = f"; arguments it does not record, now at their defaults: {', '.join(unset)}" if unset else ""
+        raise CheckpointError(f"{cfg_path}: exported with {recorded} features, but {config['method']} now builds "
+                              f"{enc.num_features} from its hparams{hint}")
     try:
         state = load_file(str(weights), device=str(map_location))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a bad file

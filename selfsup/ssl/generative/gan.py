@@ -22,10 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from selfsup.checkpoint import atomic_write_text
 from selfsup.errors import ConfigError
-from selfsup.ssl.module import SSLModule, register_method
+from selfsup.ssl.module import ImageEncoder, SSLModule, register_method
+from selfsup.ssl.stage_features import GRID, StageFeatureEncoder, max_pool_stages
 
 GAN_LOSSES = ("hinge", "ns")
+PROBE_FEATURES = {  # DCGAN's probed features, as its export note and start-up line say them
+    "all_layers": "every stage of the DCGAN discriminator's backbone max-pooled to 4x4, flattened and "
+                  "concatenated (Radford et al. 2016, sec. 5.1)",
+    "pooled": "the global-average-pooled last layer of the DCGAN discriminator",
+}
 ADAM_BETAS = (0.5, 0.999)  # the GAN norm since DCGAN: a short momentum memory for a moving target
 
 
@@ -214,26 +221,38 @@ class AdversarialModule(SSLModule):
         z = torch.randn(n, self.hparams.z_dim, generator=generator)
         return z.to(self.device)
 
-    def d_logits(self, x, fake, z, code) -> tuple[torch.Tensor, torch.Tensor]:
-        """D's logits ``(B,)`` on the real pairs ``(x, code)`` and the fake pairs ``(fake, z)``."""
-        return self.discriminate(x, code), self.discriminate(fake, z)
+    def d_logits(self, x, fake, z, code, features: bool = False):
+        """D's logits ``(B,)`` on the real pairs ``(x, code)`` and the fake pairs ``(fake, z)``, and ``None``.
+
+        With ``features``, a D whose features are the probed ones (DCGAN) gives them for the reals,
+        detached ``(B, num_features)``, from the same pass in place of ``None``.
+        """
+        return self.discriminate(x, code), self.discriminate(fake, z), None
 
     def d_loss(self, x, fake, z, code) -> dict[str, torch.Tensor]:
-        """D's loss on real ``(x, code)`` and fake ``(fake, z)``, both detached from G and E."""
-        real_logits, fake_logits = self.d_logits(x, fake.detach(), z, None if code is None else code.detach())
-        return {
+        """D's loss on real ``(x, code)`` and fake ``(fake, z)``, both detached from G and E.
+
+        The dict also holds ``features`` when D computed the probed features of the reals on the way.
+        """
+        real_logits, fake_logits, feats = self.d_logits(
+            x, fake.detach(), z, None if code is None else code.detach(), features=True
+        )
+        out = {
             "d_loss": discriminator_loss(real_logits, fake_logits, self.hparams.gan_loss),
             "d_real_acc": (real_logits > 0).float().mean(),
             "d_fake_acc": (fake_logits < 0).float().mean(),
         }
+        if feats is not None:
+            out["features"] = feats
+        return out
 
     def g_loss(self, x, fake, z, code) -> torch.Tensor:
         """G's (and E's) loss: D's verdict on the fakes, and on the encoded reals when there is an encoder."""
-        real_logits, fake_logits = self.d_logits(x, fake, z, code)
+        real_logits, fake_logits, _ = self.d_logits(x, fake, z, code)
         return generator_loss(fake_logits, None if code is None else real_logits, self.hparams.gan_loss)
 
     def players(self, batch, z: torch.Tensor | None = None):
-        """One batch -> normalised reals, normalised fakes G(z), z, E(x) (or None), probe features (or None)."""
+        """One batch -> normalised reals, normalised fakes G(z), z, E(x) (or None), E's probe features (or None)."""
         x = self.normalize(self.augment(batch[0]))  # (B, 3, H, W)
         z = self.sample_z(x.shape[0]) if z is None else z
         fake = self.normalize(self.generator(z))
@@ -258,6 +277,7 @@ class AdversarialModule(SSLModule):
         x, fake, z, code, feats = self.players(batch)  # G(z) and E(x) once: D sees them detached
         with self.toggled_optimizer(opt_d):
             out = self.d_loss(x, fake, z, code)
+            feats = out.pop("features", feats)  # DCGAN's: D's features of the reals, from D's own pass
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(out["d_loss"])
             opt_d.step()
@@ -374,33 +394,77 @@ class BiGAN(AdversarialModule):
 class DCGAN(AdversarialModule):
     """DCGAN [0] whose discriminator trunk is the shared backbone, plus a spectrally normalised linear head.
 
-    The probed features are the discriminator's pooled backbone output. Radford et al. pooled every
-    layer of a discriminator trained on ImageNet-1k and reached 82.8% on CIFAR-10 with an L2-SVM;
-    ours is trained on the data it is probed on and gives the last layer only (the backbone exposes
-    no others), so the numbers are not comparable.
+    The probed (exported) features are, by default, the paper's (section 5.1): every stage of the
+    discriminator's backbone max-pooled to a 4x4 grid, flattened and concatenated
+    (:mod:`selfsup.ssl.stage_features`): 5,632 features on ``convnet_small``, 16,384 on
+    ``cifar_resnet18`` (the default backbone), at any image size. Radford et al. trained their
+    discriminator on ImageNet-1k and reached 82.8% on CIFAR-10 with a regularised L2-SVM on them;
+    ours is trained on the data it is probed on, so the numbers are not comparable.
 
     Real and fake images go through D as one batch: the backbone's batch norm (after its first conv,
-    where the paper had none) would otherwise normalise each batch's colour statistics away.
+    where the paper had none) would otherwise normalise each batch's colour statistics away. The
+    online probe reads D's features of the (augmented, normalised) reals from that same pass.
+
+    Args:
+        probe_features: ``all_layers`` (the paper's: every stage of D's backbone max-pooled to 4x4 and
+            concatenated) or ``pooled`` (its global-average-pooled last layer); recorded in the export's
+            config and note.
     """
 
-    def __init__(self, **base) -> None:
+    def __init__(self, *, probe_features: str = "all_layers", **base) -> None:
         super().__init__(**(self.base_defaults | base))
-        self.head = spectral_norm(nn.Linear(self.num_features, 1))
+        if probe_features not in PROBE_FEATURES:
+            raise ConfigError(f"probe_features must be one of {tuple(PROBE_FEATURES)}, got {probe_features!r}")
+        if probe_features == "all_layers" and not self.backbone.has_stages:
+            raise ConfigError(f"dcgan: probe_features='all_layers' reads every stage of the backbone, and "
+                              f"{self.backbone.name!r} does not expose them (timm's forward_intermediates and "
+                              "feature_info); use probe_features='pooled'")
+        self.head = spectral_norm(nn.Linear(self.backbone.num_features, 1))
+
+    @property
+    def num_features(self) -> int:
+        if self.hparams.probe_features == "all_layers":
+            return GRID * GRID * sum(self.backbone.stage_channels)
+        return self.backbone.num_features
+
+    def encoder(self) -> nn.Module:
+        if self.hparams.probe_features == "all_layers":
+            return StageFeatureEncoder(self.backbone, self.normalize)
+        return ImageEncoder(self.backbone, self.normalize)
 
     def discriminate(self, x, z):
         return self.head(self.backbone(x)).squeeze(1)  # (B, 1) -> (B,)
 
-    def d_logits(self, x, fake, z, code):
-        logits = self.discriminate(torch.cat([x, fake]), None)  # (2B,): reals first
-        return logits[: x.shape[0]], logits[x.shape[0] :]
+    def d_logits(self, x, fake, z, code, features: bool = False):
+        b = x.shape[0]
+        both = torch.cat([x, fake])  # (2B, 3, H, W): reals first
+        stages = None
+        if features and self.hparams.probe_features == "all_layers":
+            last, stages = self.backbone.forward_intermediates(both)  # the same pass as forward_features
+        else:
+            last = self.backbone.forward_features(both)
+        pooled = self.backbone.pool(last)  # (2B, D)
+        logits = self.head(pooled).squeeze(1)  # (2B, 1) -> (2B,)
+        feats = None
+        if features:  # the reals' rows: (B, num_features)
+            feats = (pooled[:b] if stages is None else max_pool_stages([s[:b] for s in stages])).detach()
+        return logits[:b], logits[b:], feats
 
     def discriminator_parameters(self):
         return [*self.backbone.parameters(), *self.head.parameters()]
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.trainer.is_global_zero:
+            print(f"dcgan: features probed (online and exported): {PROBE_FEATURES[self.hparams.probe_features]} "
+                  f"({self.num_features} features)")
+
     def export(self, directory, data=None):
         directory = super().export(directory, data)
         cfg = json.loads((directory / "config.json").read_text())
-        cfg["note"] = ("features: pooled last layer of the DCGAN discriminator trained on this data "
-                       "(Radford et al. pooled all layers of an ImageNet-1k discriminator)")
-        (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        # top level, not only in hparams: an evaluation's result JSON records the config without its hparams
+        cfg["probe_features"] = self.hparams.probe_features
+        cfg["note"] = (f"features: {PROBE_FEATURES[self.hparams.probe_features]}; the discriminator was trained "
+                       "on this data (Radford et al.'s on ImageNet-1k)")
+        atomic_write_text(directory / "config.json", json.dumps(cfg, indent=2) + "\n")
         return directory
