@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tarfile
@@ -80,12 +81,13 @@ def find_data(path: str | None) -> Path | None:
     return dest / "cifar10"
 
 
-def method_config(method: str, preset: dict, data: str, work: Path) -> dict:
-    """The ``selfsup.train.pretrain`` config of one method under a preset."""
+def method_config(method: str, preset: dict, data: str, work: Path, overrides: dict | None = None,
+                  name: str | None = None) -> dict:
+    """The ``selfsup.train.pretrain`` config of one method under a preset (``overrides``: a variant's options)."""
     from selfsup.ssl.module import METHODS
 
     trunk = {"backbone": preset["backbone"]} if METHODS[method].uses_backbone else {}  # a flow has none
-    model = {**trunk, **preset["model"].get("*", {}), **preset["model"].get(method, {})}
+    model = {**trunk, **preset["model"].get("*", {}), **preset["model"].get(method, {}), **(overrides or {})}
     batch = preset["batch_size"]
     if preset["precision"] == "32-true" and preset["minutes"]:
         batch = CPU_BATCH.get(method, batch)
@@ -94,15 +96,15 @@ def method_config(method: str, preset: dict, data: str, work: Path) -> dict:
     if preset["minutes"]:
         total = int(preset["minutes"] * 60)
         trainer["max_time"] = f"00:{total // 3600:02d}:{total // 60 % 60:02d}:{total % 60:02d}"
-    return {"method": method, "model": model, "trainer": trainer, "output": str(work / "runs"), "name": method,
+    return {"method": method, "model": model, "trainer": trainer, "output": str(work / "runs"), "name": name or method,
             "data": {"data": data, "batch_size": batch, "image_size": preset["image_size"]}, "online_probe": False}
 
 
-def pretrain_once(method: str, cfg: dict, work: Path) -> Path:
+def pretrain_once(cfg: dict, work: Path) -> Path:
     """Pretrain, or continue a run that was cut off, or reuse a finished one; the run directory."""
     from selfsup.train import pretrain
 
-    run_dir = work / "runs" / method
+    run_dir = work / "runs" / cfg["name"]
     if (run_dir / "metrics.json").is_file() and (run_dir / "export" / "config.json").is_file():
         return run_dir  # finished earlier
     resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -116,6 +118,28 @@ def pretrain_once(method: str, cfg: dict, work: Path) -> Path:
     cost = {"seconds": before + seconds, "steps": int(run.model.trainer.global_step)}
     timing.write_text(json.dumps(cost) + "\n")
     return run_dir
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """``"cpc:directions=down,up;max_offset=3"`` -> (row label, method, options); values parsed as YAML scalars."""
+    import yaml
+
+    method, _, opts = text.partition(":")
+    overrides = {}
+    for part in filter(None, opts.split(";")):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--variant {text!r}: expected METHOD:KEY=VALUE[;KEY=VALUE...]")
+        overrides[key.strip()] = yaml.safe_load(value)
+    if not overrides:
+        raise ValueError(f"--variant {text!r}: name at least one option, METHOD:KEY=VALUE")
+    label = f"{method} ({'; '.join(f'{k}={v}' for k, v in overrides.items())})"
+    return label, method, overrides
+
+
+def run_name(label: str) -> str:
+    """A row label as a directory and file name: ``cpc (directions=down,up)`` -> ``cpc-directions-down-up``."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-")
 
 
 def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: dict) -> dict:
@@ -287,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--methods", help=f"comma-separated methods (default: all: {','.join(sorted(METHODS))})")
+    ap.add_argument("--variant", action="append", default=[], metavar="METHOD:KEY=VALUE[;KEY=VALUE]",
+                    help="also run METHOD with these options as a row of its own (repeatable), e.g. "
+                    "'cpc:directions=down,up,left,right'")
     ap.add_argument("--data", help="ImageNet-layout root (default: CIFAR-10 from ../shared/data; cpu-smoke: digits)")
     ap.add_argument("--minutes", type=float, help="pretraining wall-clock budget per method (default: the preset's)")
     ap.add_argument("--epochs", type=int, help="pretraining epochs per method (default: the preset's)")
@@ -304,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs is not None:
         preset["epochs"] = args.epochs
     methods = args.methods.split(",") if args.methods else sorted(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
+    try:
+        variants = [parse_variant(v) for v in args.variant]
+    except ValueError as err:
+        print(f"quality.py: error: {err}", file=sys.stderr)
+        return 2
+    unknown = [m for m in methods + [v[1] for v in variants] if m not in METHODS]
     if unknown:
         print(f"quality.py: error: unknown methods {unknown}; known: {', '.join(sorted(METHODS))}", file=sys.stderr)
         return 2
@@ -325,16 +357,18 @@ def main(argv: list[str] | None = None) -> int:
     sup_file = work / "results" / "_supervised.json"
     if sup_file.is_file():
         supervised = {tuple(k.split("|", 1)): v for k, v in json.loads(sup_file.read_text()).items()}
-    for method in methods:
-        done = work / "results" / f"{method}.json"
+    rows = [(m, m, {}) for m in methods] + variants
+    for label, method, overrides in rows:
+        done = work / "results" / f"{run_name(label)}.json"
         if done.is_file():
             results.append(json.loads(done.read_text()))
-            print(f"{method}: done earlier ({done})")
+            print(f"{label}: done earlier ({done})")
             continue
-        print(f"{method}: pretraining ({preset['backbone']}, {data}) ...", flush=True)
-        run_dir = pretrain_once(method, method_config(method, preset, data, work), work)
-        print(f"{method}: evaluating ...", flush=True)
-        res = evaluate_method(method, run_dir, preset, supervised)
+        print(f"{label}: pretraining ({preset['backbone']}, {data}) ...", flush=True)
+        cfg = method_config(method, preset, data, work, overrides, run_name(label))
+        run_dir = pretrain_once(cfg, work)
+        print(f"{label}: evaluating ...", flush=True)
+        res = evaluate_method(label, run_dir, preset, supervised)
         done.write_text(json.dumps(res, indent=2) + "\n")
         sup_file.write_text(json.dumps({"|".join(k): v for k, v in supervised.items()}, indent=2) + "\n")
         results.append(res)

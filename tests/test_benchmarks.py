@@ -43,10 +43,17 @@ def test_quality_cpu_smoke_writes_table_and_resumes(bench, tmp_path, capsys):
     import quality
 
     work, out = tmp_path / "work", tmp_path / "q"
-    args = ["--preset", "cpu-smoke", "--methods", "rotation", "--work", str(work), "--out", str(out)]
+    args = ["--preset", "cpu-smoke", "--methods", "rotation", "--variant", "rotation:head_hidden=16", "--work",
+            str(work), "--out", str(out)]
     assert quality.main(args) == 0
     result = json.loads(out.with_suffix(".json").read_text())
-    (res,) = result["results"]
+    res, variant = result["results"]
+    # a variant is its own run and row, with its option; the baselines are scored once and shared
+    assert variant["method"] == "rotation (head_hidden=16)" and variant["hparams"]["head_hidden"] == 16
+    assert (work / "runs" / "rotation-head_hidden-16" / "export").is_dir()
+    for role in ("random init", "pixels"):
+        assert variant["rows"][role] == res["rows"][role]
+    assert len(json.loads((work / "results" / "_baselines.json").read_text())) == 2
     assert res["method"] == "rotation" and res["pretrain_steps"] == 2 and res["pretrain_seconds"] > 0
     rows = res["rows"]
     assert set(rows) == {"method", "random init", "pixels"}
@@ -60,4 +67,14 @@ def test_quality_cpu_smoke_writes_table_and_resumes(bench, tmp_path, capsys):
     # a rerun resumes: nothing is pretrained or evaluated again
     capsys.readouterr()
     assert quality.main(args) == 0
-    assert "rotation: done earlier" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "rotation: done earlier" in printed and "rotation (head_hidden=16): done earlier" in printed
+
+
+@pytest.mark.parametrize("text", ["cpc", "cpc:", "cpc:directions", "cpc:=down"])
+def test_quality_variant_needs_options(bench, text, capsys):
+    import quality
+
+    assert quality.main(["--preset", "cpu-smoke", "--variant", text]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quality.py: error: --variant") and ("KEY=VALUE" in err) and err.count("\n") == 1
