@@ -17,7 +17,7 @@ Every method is resumable: the work directory keeps each run and each finished m
 command that was cut off continues where it stopped when run again (``--fresh`` starts over).
 
     python benchmarks/quality.py --preset cpu-smoke                     # minutes; what CI runs
-    python benchmarks/quality.py --preset cpu --threads 2               # about an hour on 2 cores
+    python benchmarks/quality.py --preset cpu --threads 2               # 25,000 images a method; ~1.5 h
     python benchmarks/quality.py --preset gpu --data /data/cifar10      # ResNet-18, bf16, channels-last
 
 Writes ``benchmarks/results/quality_<preset>.{json,md,png}`` and prints the markdown table.
@@ -48,10 +48,11 @@ PRESETS: dict[str, dict] = {
     "cpu-smoke": {"backbone": "convnet_small", "data": "digits", "image_size": 16, "max_steps": 2, "epochs": 1,
                   "minutes": None, "batch_size": 32, "ks": (1, 10, None), "seeds": (0,), "supervised_steps": 3,
                   "finetune_steps": 0, "precision": "32-true", "model": {}},
-    # 2 CPU cores: the small backbone, a few minutes per method, about an hour for the whole table.
-    "cpu": {"backbone": "convnet_small", "data": None, "image_size": None, "max_steps": -1, "epochs": 3,
-            "minutes": 4.0, "batch_size": 128, "ks": KS, "seeds": (0, 1, 2), "supervised_steps": 300,
-            "finetune_steps": 0, "precision": "32-true",
+    # 2 CPU cores: the small backbone, the same number of training images for every method (half an epoch
+    # of CIFAR-10; a budget in images, not minutes, so the numbers do not depend on the machine's load).
+    "cpu": {"backbone": "convnet_small", "data": None, "image_size": None, "max_steps": -1, "epochs": 1,
+            "images": 25_000, "minutes": None, "batch_size": 128, "cpu_batch": True, "ks": KS, "seeds": (0, 1, 2),
+            "supervised_steps": 300, "finetune_steps": 0, "precision": "32-true",
             # CPC's paper-width context network costs 8x this tiny backbone: narrower here (stated in the table)
             # and the GANs' width-64 generator costs ~5x the backbone per image: width 32
             "model": {"cpc": {"context_hidden": 64, "context_blocks": 2}, "dcgan": {"g_width": 32},
@@ -89,10 +90,12 @@ def method_config(method: str, preset: dict, data: str, work: Path, overrides: d
     trunk = {"backbone": preset["backbone"]} if METHODS[method].uses_backbone else {}  # a flow has none
     model = {**trunk, **preset["model"].get("*", {}), **preset["model"].get(method, {}), **(overrides or {})}
     batch = preset["batch_size"]
-    if preset["precision"] == "32-true" and preset["minutes"]:
+    if preset.get("cpu_batch"):
         batch = CPU_BATCH.get(method, batch)
     trainer = {"max_epochs": preset["epochs"], "max_steps": preset["max_steps"], "precision": preset["precision"],
                "check_val_every_n_epoch": 1, "log_every_n_steps": 10}
+    if preset.get("images"):
+        trainer["max_steps"] = -(-preset["images"] // batch)  # ceil: every method sees the same images
     if preset["minutes"]:
         total = int(preset["minutes"] * 60)
         trainer["max_time"] = f"00:{total // 3600:02d}:{total // 60 % 60:02d}:{total % 60:02d}"
@@ -232,7 +235,7 @@ def markdown(results: list[dict], supervised: dict, title: str) -> str:
     """The results table: one row per method, its floor and pixels beside it, supervised last."""
     budgets = list(next(iter(results))["rows"]["method"]["label_efficiency"]) if results else []
     head = ["method", "linear top-1", "top-5", "kNN k=20", "kNN k=200 T=0.07", *[f"linear {b}" for b in budgets],
-            "bits/dim", "floor linear", "floor kNN k=20", "minutes"]
+            "bits/dim", "floor linear", "floor kNN k=20", "steps", "minutes"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def le(row: dict, b: str) -> str:
@@ -247,16 +250,16 @@ def markdown(results: list[dict], supervised: dict, title: str) -> str:
         lines.append("| " + " | ".join([
             r["method"], f"{m['linear_top1']:.1f}{beat}", f"{m['linear_top5']:.1f}", f"{m['knn20_top1']:.1f}",
             f"{m['knn200_t007_top1']:.1f}", *[le(m, b) for b in budgets], bpd, f"{f['linear_top1']:.1f}",
-            f"{f['knn20_top1']:.1f}", minutes]) + " |")
+            f"{f['knn20_top1']:.1f}", str(r["pretrain_steps"] or "-"), minutes]) + " |")
     if results:
         p = results[0]["rows"]["pixels"]
         lines.append("| " + " | ".join(["raw pixels (16 px)", f"{p['linear_top1']:.1f}", f"{p['linear_top5']:.1f}",
                                         f"{p['knn20_top1']:.1f}", f"{p['knn200_t007_top1']:.1f}",
-                                        *[le(p, b) for b in budgets], "-", "-", "-", "-"]) + " |")
+                                        *[le(p, b) for b in budgets], "-", "-", "-", "-", "-"]) + " |")
     for arch, entries in supervised.items():
         cells = {e["budget"]: f"{e['top1_mean']:.1f} ± {e['top1_std']:.1f}" for e in entries}
         lines.append("| " + " | ".join([f"supervised from scratch ({arch})", "-", "-", "-", "-",
-                                        *[cells.get(b, "-") for b in budgets], "-", "-", "-", "-"]) + " |")
+                                        *[cells.get(b, "-") for b in budgets], "-", "-", "-", "-", "-"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -316,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                     "'cpc:directions=down,up,left,right'")
     ap.add_argument("--data", help="ImageNet-layout root (default: CIFAR-10 from ../shared/data; cpu-smoke: digits)")
     ap.add_argument("--minutes", type=float, help="pretraining wall-clock budget per method (default: the preset's)")
+    ap.add_argument("--images", type=int, help="pretraining budget per method in training images (default: the "
+                    "preset's; steps = images / batch size)")
     ap.add_argument("--epochs", type=int, help="pretraining epochs per method (default: the preset's)")
     ap.add_argument("--work", help="work directory of runs and per-method results (default: a folder in "
                     "$SELFSUP_CACHE or ~/.cache/selfsup named by the preset); reruns resume from it")
@@ -330,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         preset["minutes"] = args.minutes
     if args.epochs is not None:
         preset["epochs"] = args.epochs
+    if args.images is not None:
+        preset["images"] = args.images
     methods = args.methods.split(",") if args.methods else sorted(METHODS)
     try:
         variants = [parse_variant(v) for v in args.variant]
@@ -374,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
 
     sup_by_arch = {arch: entries for (arch, _), entries in supervised.items()}
-    budget = f"{preset['minutes']} min" if preset["minutes"] else f"{preset['max_steps']} steps"
+    if preset.get("images"):
+        budget = f"{preset['images']:,} training images" + (f" or {preset['minutes']} min" if preset["minutes"] else "")
+    else:
+        budget = f"{preset['minutes']} min" if preset["minutes"] else f"{preset['max_steps']} steps"
     title = f"{Path(data).name}, {preset['backbone']}, {budget} (max {preset['epochs']} epochs) per method"
     table = markdown(results, sup_by_arch, title)
     table += ("\nEvery method runs with its own defaults" + (
