@@ -219,17 +219,25 @@ def build_eval_parsers(sub) -> None:
                         help="skip the random-init and raw-pixel baselines")
     common.add_argument("--output", help="results directory (default: <run>/eval)")
     common.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
-    common.add_argument("--devices", type=_devices, default=1, help="devices for extraction and, with --strategy ddp, for the sweep's fits (DDP when > 1)")
-    common.add_argument("--num-nodes", type=int, default=1, help="nodes for extraction (and the sweep's fits under ddp)")
+    common.add_argument("--devices", type=_devices, default=1,
+                        help="devices per node for extraction and, with --strategy ddp, for the fits: a sweep "
+                        "spreads its fits over them, a probe splits its training rows over them (DDP when > 1)")
+    common.add_argument("--num-nodes", type=int, default=1,
+                        help="nodes for extraction (and, under ddp, the sweep's fits or the probe's rows)")
     common.add_argument("--strategy", default="auto",
-                        help="Lightning strategy for extraction (ddp for several devices; a sweep then spreads its fits over them)")
+                        help="Lightning strategy for extraction (ddp for several devices; a sweep then spreads its "
+                        "fits over them, a probe is then data-parallel: one fit, rows split, gradients summed)")
     common.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the probe, kNN and sweep fits run (default: auto, cuda when torch sees a GPU)")
     sub.add_parser("features", parents=[common], help="extract and cache features of the train and test splits",
                    description="Extract features once (frozen encoder, eval mode, no augmentation) and cache them.")
     sub.add_parser("probe", parents=[common], help="linear probe on cached features, with baselines",
                    description="Multinomial logistic regression on standardised cached features, L2 strength "
-                   "chosen on held-out training labels; the random-init floor and raw pixels beside.")
+                   "chosen on held-out training labels; the random-init floor and raw pixels beside. With "
+                   "--strategy ddp --devices N (--num-nodes M) the probe is data-parallel: each process reads "
+                   "its block of the cached training rows, the standardisation statistics and every loss and "
+                   "gradient are summed over the processes, and all take the same L-BFGS steps (the result "
+                   "equals one process's within float32 rounding); rank 0 writes probe.json.")
     p = sub.add_parser("knn", parents=[common], help="kNN classification on cached features, with baselines",
                        description="Cosine kNN on cached features (faiss): majority vote, or weighted with --temperature.")
     p.add_argument("--k", type=_positive, default=20, help="neighbours (default: 20; Wu et al. use 200 with T=0.07)")
@@ -356,8 +364,9 @@ def _run_eval(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was given, but torch sees no CUDA GPU here")
     fabric = None
-    if args.command == "sweep" and _eval_world(args) > 1:
-        fabric = _launch_ranks(args)  # every rank extracts its share, then runs its share of the fits
+    if args.command in ("sweep", "probe") and _eval_world(args) > 1:
+        # every rank extracts its share, then runs its share of the sweep's fits, or its rows of each probe
+        fabric = _launch_ranks(args)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and fabric is not None:
         device = f"cuda:{fabric.local_rank}"
@@ -377,16 +386,22 @@ def _run_eval(args: argparse.Namespace) -> None:
         if paths is not None:
             print(f"results: {paths[0]}  plot: {paths[1]}")
         return
-    if not is_launcher_rank_zero():  # extraction was distributed; probes run once, on rank 0
+    if fabric is None and not is_launcher_rank_zero():  # extraction was distributed; kNN runs once, on rank 0
         return
     if args.command == "features":
         for name, (train, test) in ev.features.items():
             print(f"{name}: train {tuple(train.x.shape)} -> {train.path}; test {tuple(test.x.shape)} -> {test.path}")
     else:
+        from selfsup.eval.shard import Shard
+
         kw = {"k": args.k, "temperature": args.temperature} if args.command == "knn" else {}
-        rows = harness.evaluate(ev, args.command, device=device, **kw)
+        shard = Shard.process_group() if fabric is not None else None  # probe: every rank fits on its rows
+        rows = harness.evaluate(ev, args.command, device=device, shard=shard, **kw)
+        if fabric is not None and fabric.global_rank != 0:  # the ranks hold the same result: rank 0 writes it
+            return
         settings = {**kw, **({"linear_probe": harness.probe_settings()} if args.command == "probe" else {})}
-        extra = {**kw, "provenance": harness.provenance(ev, src, started, device, 1, settings)}
+        world = 1 if fabric is None else fabric.world_size
+        extra = {**kw, "provenance": harness.provenance(ev, src, started, device, world, settings)}
         path = harness.report(ev, args.command, rows, src.results_dir, extra=extra,
                               name=harness.result_name(args.command, **kw))
         print(f"results: {path}")

@@ -128,3 +128,34 @@ def test_sweep_fits_spread_over_two_ddp_processes_equal_one_process(tmp_path, mo
     assert single.returncode == 0, single.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "sweep.json").read_text())
     assert strip_seconds(one["results"]) == strip_seconds(ddp["results"])
+
+
+def test_probe_is_data_parallel_over_two_ddp_processes(tmp_path, monkeypatch):
+    """`selfsup probe --strategy ddp --devices 2`: one probe, its rows split over 2 CPU processes (gloo); rank 0
+    writes probe.json, which records the world size and equals one process's probe of the same cached features."""
+    import torch
+
+    from selfsup.eval import harness
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "ddp"
+    r = run_cli("probe", "--random-init", "convnet_small", "--data", "digits", "--image-size", "8", "--no-baselines",
+                "--device", "cpu", "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--output", str(out),
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("results:") == 1  # written once, by rank 0
+    res = json.loads((out / "probe.json").read_text())
+    assert res["provenance"]["hardware"]["world_size"] == 2
+    (ddp,) = res["results"].values()
+    src = harness.resolve_source(None, "convnet_small", str(out))
+    ev = harness.prepare(src, "digits", 8, baselines=False, progress=False)  # the features the ranks cached
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = harness.evaluate(ev, "probe", device="cpu")[src.name]
+    finally:
+        torch.set_num_threads(threads)
+    assert ddp["world_size"] == 2 and one["world_size"] == 1 and ddp["n_train"] == 1437
+    for key in ("weight_decay", "C", "val_top1", "top1", "top5", "n_train", "n_val", "n_test"):
+        assert ddp[key] == one[key], key
+    assert [p["weight_decay"] for p in ddp["val_curve"]] == [p["weight_decay"] for p in one["val_curve"]]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +212,96 @@ def test_rows_float16_memmap_and_streaming_give_the_resident_result(tmp_path):
     assert abs(streamed["top1"] - ref["top1"]) <= 0.5
     for a, b in zip(streamed["val_curve"], ref["val_curve"], strict=True):
         assert abs(a["val_loss"] - b["val_loss"]) <= 1e-3 * b["val_loss"]
+
+
+def _probe_data(tmp_path):
+    """400 x 16 features of 5 overlapping classes (float32; the L2 search picks 0.1, inside the grid), the
+    same as a float16 memory map, and a label subset."""
+    tx, ty, vx, vy = blobs(400, 300, 16, 5, 0.5, seed=3)
+    if not (tmp_path / "x16.npy").is_file():  # the test writes it once, before the ranks start
+        mm = np.lib.format.open_memmap(tmp_path / "x16.npy", mode="w+", dtype=np.float16, shape=tx.shape)
+        mm[:] = tx
+        mm.flush()
+    rows = np.flatnonzero(np.arange(len(ty)) % 4 != 1)
+    return tx, ty, vx, vy, np.load(tmp_path / "x16.npy", mmap_mode="r"), rows
+
+
+def _probe_both_ways(tmp_path, shard=None) -> list[dict]:
+    """The probe held in memory (all rows), and streamed from the float16 memory map (a label subset).
+
+    Under a shard the in-memory rows (train and test) outside this rank's block are NaN, and the probe runs
+    without its global finiteness check: a rank that read another's rows would produce NaN.
+    """
+    tx, ty, vx, vy, x16, rows = _probe_data(tmp_path)
+    if shard is not None:
+        for x in (tx, vx):
+            lo, hi = shard.bounds(len(x))
+            x[:lo], x[hi:] = np.nan, np.nan
+    runs = [linear_probe(tx, ty, vx, vy, shard=shard, return_model=True, check_finite=shard is None),
+            linear_probe(x16, ty, vx, vy, train_rows=rows, resident_bytes=0, shard=shard, return_model=True)]
+    for res in runs:
+        model = res.pop("model")
+        res["model"] = {k: getattr(model, k) for k in ("mean", "std", "weight", "bias")}
+    return runs
+
+
+def _data_parallel_worker(rank: int, world: int, init: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from selfsup.eval.shard import Shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    runs = _probe_both_ways(Path(out_dir), Shard.process_group())
+    torch.save(runs, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_parallel_probe_on_two_ranks_equals_one_process(tmp_path):
+    """Two gloo ranks, each reading only its half of the rows: the same strength, hold-out curve and
+    accuracies as one process, standardisation and weights equal within float32 rounding (the stated
+    tolerance: weights within 1e-5), and both ranks hold the same bits."""
+    import torch.multiprocessing as mp
+
+    _probe_data(tmp_path)  # writes the memory map the ranks read
+    mp.spawn(_data_parallel_worker, args=(2, f"file://{tmp_path}/pg", str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _probe_both_ways(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    for one, (r0, r1) in zip(single, zip(*ranks, strict=True), strict=True):
+        for key in ("mean", "std", "weight", "bias"):  # every rank took the same steps
+            assert torch.equal(r0["model"][key], r1["model"][key]), key
+        assert r0["world_size"] == 2 and one["world_size"] == 1
+        for key in ("weight_decay", "C", "val_top1", "top1", "top5", "n_train", "n_val", "n_test"):
+            assert r0[key] == one[key], key
+        assert [p["weight_decay"] for p in r0["val_curve"]] == [p["weight_decay"] for p in one["val_curve"]]
+        for a, b in zip(r0["val_curve"], one["val_curve"], strict=True):  # hold-out fits stop at path_tol = 1e-3
+            assert a["val_top1"] == b["val_top1"] and abs(a["val_loss"] - b["val_loss"]) <= 1e-3 * b["val_loss"], a
+        torch.testing.assert_close(r0["model"]["mean"], one["model"]["mean"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r0["model"]["std"], one["model"]["std"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r0["model"]["weight"], one["model"]["weight"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(r0["model"]["bias"], one["model"]["bias"], rtol=0, atol=1e-5)
+
+
+def test_shard_blocks_cover_the_rows_and_bad_shards_are_refused():
+    from selfsup.eval.shard import Shard
+
+    def noop(t):
+        return None
+
+    for n, world in ((10, 3), (2, 3), (400, 2)):
+        blocks = [Shard(r, world, noop).bounds(n) for r in range(world)]
+        assert blocks[0][0] == 0 and blocks[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(blocks[:-1], blocks[1:], strict=True))  # contiguous
+        assert all(hi - lo in (n // world, -(-n // world)) for lo, hi in blocks)  # balanced
+    for bad in (dict(rank=2, world=2, all_reduce=noop), dict(rank=0, world=2)):
+        with pytest.raises(ConfigError):
+            Shard(**bad)
+    tx, ty, vx, vy = blobs(40, 20, 4, 2, 1.0)
+    with pytest.raises(ConfigError, match="one process"):
+        linear_probe(tx, ty, vx, vy, batch_size=8, shard=Shard(0, 2, noop))

@@ -6,12 +6,14 @@ from selfsup.eval.label_efficiency import label_efficiency_sweep, subset_from_fi
 from selfsup.eval.linear import LinearClassifier, fit_logistic, linear_probe
 from selfsup.eval.online import FrozenEncoder, OnlineLinearProbe
 from selfsup.eval.report import plot_sweep, print_sweep_table, read_json, write_json
+from selfsup.eval.shard import Shard
 
 __all__ = [
     "Features",
     "FrozenEncoder",
     "LinearClassifier",
     "OnlineLinearProbe",
+    "Shard",
     "extract_features",
     "fit_logistic",
     "knn_classify",

@@ -23,6 +23,7 @@ from torch import nn
 from selfsup.data.datasets import load_dataset
 from selfsup.errors import ConfigError
 from selfsup.eval.features import Features, data_fingerprint, extract_features, sample_keys
+from selfsup.eval.shard import Shard
 from selfsup.ssl.backbone import Backbone
 from selfsup.ssl.module import METHODS, ImageEncoder, load_encoder
 
@@ -168,18 +169,24 @@ def _table(title: str, rows: dict[str, dict], columns: dict[str, str]):
 
 
 def evaluate(
-    ev: EvalData, kind: str, k: int = 20, temperature: float | None = None, device: str | None = None
+    ev: EvalData, kind: str, k: int = 20, temperature: float | None = None, device: str | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, dict]:
-    """Linear probe (``kind="probe"``) or kNN (``kind="knn"``) of every encoder on all training labels."""
+    """Linear probe (``kind="probe"``) or kNN (``kind="knn"``) of every encoder on all training labels.
+
+    With a ``shard`` (every rank of a distributed job calls this) each probe is data-parallel: see
+    :func:`~selfsup.eval.linear.linear_probe`; every rank returns the same rows. kNN ignores it.
+    """
     from selfsup.eval.knn import knn_classify
     from selfsup.eval.linear import linear_probe
 
     rows = {}
     for name, pair in ev.features.items():
         if kind == "probe":
-            res = linear_probe(*arrays(pair), device=device)
+            res = linear_probe(*arrays(pair), device=device, shard=shard)
             row = {key: res[key] for key in ("top1", "top5", "weight_decay", "C", "val_top1", "val_curve", "fit",
-                                              "settings", "n_train", "n_val", "n_test", "device", "seconds")}
+                                              "settings", "n_train", "n_val", "n_test", "device", "world_size",
+                                              "seconds")}
         else:
             res = knn_classify(*arrays(pair), k=k, temperature=temperature, device=device)
             row = {key: res[key] for key in ("top1", "top5", "k", "temperature", "backend", "n_train", "n_test",
