@@ -57,9 +57,9 @@ def _model(**kw):
 def test_context_and_predictions_are_causal(direction):
     torch.manual_seed(0)
     model = _model(directions=direction, context_blocks=2, context_hidden=16).eval()
-    g = model.grid
+    g = model.geometry.grid
     z = torch.randn(2, g, g, model.num_features)
-    preds, _ = model.predict(z)
+    preds, _ = model.task.predict(z)
     dr, dc = DIRECTIONS[direction]
     pos = torch.arange(g)
     progress = pos[:, None] * dr + pos[None, :] * dc  # (G, G): how far along the direction a position is
@@ -67,7 +67,7 @@ def test_context_and_predictions_are_causal(direction):
         ahead = progress > line  # positions the context of `line` must not see
         z2 = z.clone()
         z2[:, ahead] += torch.randn_like(z2[:, ahead])
-        preds2, _ = model.predict(z2)
+        preds2, _ = model.task.predict(z2)
         assert torch.equal(preds2[:, :, :, ~ahead], preds[:, :, :, ~ahead])
         assert not torch.equal(preds2[:, :, :, ahead], preds[:, :, :, ahead])
 
@@ -79,11 +79,12 @@ def test_pixels_below_a_row_do_not_reach_its_context():
     enc = model.encoder()
 
     def preds_of(images):
-        return model.predict(enc.patch_features(model.normalize(images)))[0]
+        return model.task.predict(enc.patch_features(model.normalize(images)))[0]
 
     base = preds_of(x)
-    for i in range(model.grid - 1):
-        first_unseen_pixel = i * model.stride + model.patch  # row i's patches end here
+    geo = model.geometry
+    for i in range(geo.grid - 1):
+        first_unseen_pixel = i * geo.stride + geo.patch  # row i's patches end here
         x2 = x.clone()
         x2[:, :, first_unseen_pixel:] = torch.rand_like(x2[:, :, first_unseen_pixel:])
         got = preds_of(x2)
@@ -100,7 +101,7 @@ def test_loss_at_init_is_log_of_candidates():
     model = _model()
     batch = _fixed_batch()
     out = model.loss(batch)
-    n_candidates = 8 * model.grid**2
+    n_candidates = 8 * model.geometry.grid**2
     assert abs(out["loss"].item() - math.log(n_candidates)) < 0.05 * math.log(n_candidates)
     assert out["features"].shape == (8, model.num_features) and not out["features"].requires_grad
 
@@ -169,8 +170,8 @@ def test_misspelt_or_bad_options_fail():
 
 
 def test_skip_overlap_offsets():
-    assert _model().offsets == (2, 3, 4, 5)  # 8 px patches at stride 4: offset 1 overlaps
-    assert _model(skip_overlap=False).offsets == (1, 2, 3, 4, 5)
+    assert _model().geometry.offsets == (2, 3, 4, 5)  # 8 px patches at stride 4: offset 1 overlaps
+    assert _model(skip_overlap=False).geometry.offsets == (1, 2, 3, 4, 5)
 
 
 def test_patch_augment_is_independent_per_patch():
