@@ -61,11 +61,11 @@ class MultiTask(SSLModule):
             (colorization), the backbone is lightness-only and every task sees lightness (the
             paper's "lightness only" input); the exported encoder still takes RGB and converts it.
             ``cpc`` cuts its patch grid from the batch as it is (32 px: 8 px patches at stride 4), so
-            the images must be square and at least a patch wide; CPC v2 needs a backbone without batch
-            norm (the patches of one image share its statistics, a shortcut), so with ``cpc`` on a
+            the images must be square and at least a patch wide. CPC v2 needs a backbone without batch
+            norm (the patches of one image share its statistics, a shortcut): with ``cpc`` on a
             batch-norm backbone (the default ``norm``) a warning at the start of training says to pass
-            ``--norm layer``; the
-            default stays the backbone's own so that adding ``cpc`` never changes the other tasks' setup.
+            ``--norm layer``. The default stays the backbone's own, so that adding ``cpc`` never
+            changes how the other tasks train.
         task_weights: comma-separated loss weights, one per task (e.g. ``1,1,0.5``); ``None``: all 1.
     """
 
