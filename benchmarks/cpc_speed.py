@@ -96,14 +96,14 @@ def speed(preset: dict, backbone: str, batch: int) -> dict:
     opt = model.build_optimizer(model.parameters())
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
-    n_patches = batch * model.grid**2
+    n_patches = batch * model.geometry.grid**2
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         model.loss((images, labels))["loss"].backward()
         opt.step()
 
-    patches = torch.randn(n_patches, 3, model.patch, model.patch, device=device)
+    patches = torch.randn(n_patches, 3, model.geometry.patch, model.geometry.patch, device=device)
 
     def backbone_only() -> None:
         model.zero_grad(set_to_none=True)

@@ -68,17 +68,17 @@ def test_cpc_reports_the_accuracy_of_its_own_predictions():
     torch.manual_seed(0)
     model = CPC(backbone="convnet_small", image_size=16).eval()
     seen = {}
-    predict = model.predict
+    predict = model.task.predict
 
-    def spy(z):
-        seen["preds"], seen["targets"] = (t.detach().double() for t in predict(z))
-        return predict(z)
+    def spy(z, offsets=None):
+        seen["preds"], seen["targets"] = (t.detach().double() for t in predict(z, offsets))
+        return predict(z, offsets)
 
-    model.predict = spy
+    model.task.predict = spy
     with torch.no_grad():
-        model.predictors.mul_(50)  # confident, informative predictions: many rows right, some wrong
+        model.task.predictors.mul_(50)  # confident, informative predictions: many rows right, some wrong
         out = model.loss((torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.zeros(4, dtype=torch.long)))
-    crit = model.criterion
+    crit = model.task.criterion(model.geometry.offsets)
     expected = _naive_accuracy(seen["preds"], seen["targets"], crit.offsets, crit.directions)
     assert float(out["cpc_acc"]) == pytest.approx(expected, abs=1e-6)
 

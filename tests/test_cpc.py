@@ -5,8 +5,11 @@ import torch
 
 import selfsup
 from selfsup.errors import ConfigError
-from selfsup.ssl.cpc import CPC, DIRECTIONS, PatchAugment, default_patch_grid, patchify
+from selfsup.pretext.task import TASKS
+from selfsup.ssl.backbone import Backbone
+from selfsup.ssl.cpc import CPC, DIRECTIONS, CPCTask, PatchAugment, default_patch_grid, patchify
 from selfsup.ssl.losses import GridInfoNCE
+from selfsup.ssl.module import Normalize
 from tests.conftest import fixed_batch, loss_before_and_after_one_step, perturb_
 
 
@@ -57,9 +60,9 @@ def _model(**kw):
 def test_context_and_predictions_are_causal(direction):
     torch.manual_seed(0)
     model = _model(directions=direction, context_blocks=2, context_hidden=16).eval()
-    g = model.grid
+    g = model.geometry.grid
     z = torch.randn(2, g, g, model.num_features)
-    preds, _ = model.predict(z)
+    preds, _ = model.task.predict(z)
     dr, dc = DIRECTIONS[direction]
     pos = torch.arange(g)
     progress = pos[:, None] * dr + pos[None, :] * dc  # (G, G): how far along the direction a position is
@@ -67,7 +70,7 @@ def test_context_and_predictions_are_causal(direction):
         ahead = progress > line  # positions the context of `line` must not see
         z2 = z.clone()
         z2[:, ahead] += torch.randn_like(z2[:, ahead])
-        preds2, _ = model.predict(z2)
+        preds2, _ = model.task.predict(z2)
         assert torch.equal(preds2[:, :, :, ~ahead], preds[:, :, :, ~ahead])
         assert not torch.equal(preds2[:, :, :, ahead], preds[:, :, :, ahead])
 
@@ -79,11 +82,12 @@ def test_pixels_below_a_row_do_not_reach_its_context():
     enc = model.encoder()
 
     def preds_of(images):
-        return model.predict(enc.patch_features(model.normalize(images)))[0]
+        return model.task.predict(enc.patch_features(model.normalize(images)))[0]
 
     base = preds_of(x)
-    for i in range(model.grid - 1):
-        first_unseen_pixel = i * model.stride + model.patch  # row i's patches end here
+    geo = model.geometry
+    for i in range(geo.grid - 1):
+        first_unseen_pixel = i * geo.stride + geo.patch  # row i's patches end here
         x2 = x.clone()
         x2[:, :, first_unseen_pixel:] = torch.rand_like(x2[:, :, first_unseen_pixel:])
         got = preds_of(x2)
@@ -100,7 +104,7 @@ def test_loss_at_init_is_log_of_candidates():
     model = _model()
     batch = _fixed_batch()
     out = model.loss(batch)
-    n_candidates = 8 * model.grid**2
+    n_candidates = 8 * model.geometry.grid**2
     assert abs(out["loss"].item() - math.log(n_candidates)) < 0.05 * math.log(n_candidates)
     assert out["features"].shape == (8, model.num_features) and not out["features"].requires_grad
 
@@ -169,8 +173,8 @@ def test_misspelt_or_bad_options_fail():
 
 
 def test_skip_overlap_offsets():
-    assert _model().offsets == (2, 3, 4, 5)  # 8 px patches at stride 4: offset 1 overlaps
-    assert _model(skip_overlap=False).offsets == (1, 2, 3, 4, 5)
+    assert _model().geometry.offsets == (2, 3, 4, 5)  # 8 px patches at stride 4: offset 1 overlaps
+    assert _model(skip_overlap=False).geometry.offsets == (1, 2, 3, 4, 5)
 
 
 def test_patch_augment_is_independent_per_patch():
@@ -220,3 +224,70 @@ def test_gather_negatives_matches_one_process_on_the_whole_batch(tmp_path):
     # DDP averages gradients over the 2 ranks
     torch.testing.assert_close(torch.cat([r["p"] for r in ranks], dim=2) / 2, preds.grad)
     torch.testing.assert_close(torch.cat([r["t"] for r in ranks]) / 2, targets.grad)
+
+
+def test_patch_augment_on_lightness_patches_only_flips():
+    torch.manual_seed(0)
+    patches = torch.randn(256, 1, 4, 4)
+    out = PatchAugment(color_drop=1.0, flip=0.5)(patches)
+    flipped = (out == patches.flip(-1)).flatten(1).all(1)  # (256,); random patches are never symmetric
+    assert ((out == patches).flatten(1).all(1) | flipped).all()  # no channel dropped, no noise
+    assert 0.3 < flipped.float().mean() < 0.7
+
+
+class _Spy(torch.nn.Module):
+    """A backbone wrapper that records the shapes of its inputs."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone, self.num_features, self.shapes = backbone, backbone.num_features, []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return self.backbone(x)
+
+
+def test_cpc_task_from_the_registry_cuts_the_grid_of_the_images_it_is_given():
+    torch.manual_seed(0)
+    backbone = _Spy(Backbone("convnet_small", norm="layer"))
+    task = TASKS["cpc"](backbone.num_features, 3)  # from the name alone, as multitask builds it
+    assert isinstance(task, CPCTask) and task.predictor_offsets == (1, 2, 3, 4, 5)
+    for size, patch in ((32, 8), (16, 4)):  # no resizing: the geometry of each batch's own size
+        x = fixed_batch(4, size)[0].float() / 255
+        out = task(x, backbone, Normalize())
+        assert set(out) == {"loss", "cpc_acc", "features"} and out["features"].shape == (4, backbone.num_features)
+        assert backbone.shapes[-1] == (4 * 7 * 7, 3, patch, patch)  # 7x7 grid at stride patch / 2
+        assert abs(out["loss"].item() - math.log(4 * 49)) < 0.05 * math.log(4 * 49)
+    out["loss"].backward()
+    grads = task.predictors.grad.flatten(1).abs().sum(1)  # (K_all,)
+    assert grads[0] == 0 and (grads[1:] > 0).all()  # offset 1 overlaps the context row: skipped, no gradient
+    with pytest.raises(ConfigError, match="max_offset"):  # 5 px: 1 px patches, a 5x5 grid: no room for offset 5
+        task(torch.rand(2, 3, 5, 5), backbone, Normalize())
+    with pytest.raises(ConfigError, match="square"):
+        task(torch.rand(2, 3, 32, 24), backbone, Normalize())
+
+
+def test_cpc_method_is_its_task_and_nothing_else():
+    """The same seed builds the same weights, and the method's loss and gradients are the bare task's."""
+    kw = {"context_blocks": 2, "context_hidden": 32}
+    torch.manual_seed(0)
+    model = _model(crop_scale=1.0, flip=False, **kw).train()
+    torch.manual_seed(0)
+    backbone = Backbone("convnet_small", norm="layer")
+    task = CPCTask(backbone.num_features, 3, image_size=32, **kw).train()
+    assert set(model.state_dict()) == {f"backbone.{k}" for k in backbone.state_dict()} | {
+        f"task.{k}" for k in task.state_dict()
+    }
+    for k, v in task.state_dict().items():
+        assert torch.equal(model.state_dict()[f"task.{k}"], v), k
+    images = fixed_batch(8, 32)[0]
+    torch.manual_seed(1)
+    got = model.loss((images, None))
+    torch.manual_seed(1)
+    want = task(images.float() / 255, backbone, Normalize())
+    for k in ("loss", "cpc_acc", "features"):
+        assert torch.equal(got[k], want[k]), k
+    got["loss"].backward()
+    want["loss"].backward()
+    assert torch.equal(model.task.predictors.grad, task.predictors.grad)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.backbone.parameters(), backbone.parameters(), strict=True))

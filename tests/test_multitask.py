@@ -1,11 +1,16 @@
+import sys
+import warnings
+
 import pytest
 import torch
 import yaml
 
 import selfsup
+from selfsup import cli
 from selfsup.errors import ConfigError
 from selfsup.pretext.multitask import MultiTask, parse_tasks
 from selfsup.pretext.task import TASKS, Task, register_task
+from selfsup.train import RUN_DIR_ENV
 from tests.conftest import fixed_batch, perturb_, run_cli
 from tests.test_relative_position import seeded_loss_before_and_after_one_step
 
@@ -70,7 +75,8 @@ def test_one_step_lowers_loss_on_fixed_batch():
 
 @pytest.mark.parametrize(
     "method,kw",
-    [("relative_position", {}), ("jigsaw", {}), ("multitask", {"tasks": ",".join(["relative_position", *EXTRA])})],
+    [("relative_position", {}), ("jigsaw", {}), ("multitask", {"tasks": ",".join(["relative_position", *EXTRA])}),
+     ("multitask", {"tasks": "rotation,cpc", "norm": "layer"})],
 )
 def test_export_round_trip_is_exact(tmp_path, method, kw):
     torch.manual_seed(0)
@@ -97,3 +103,57 @@ def test_two_tasks_pretrain_on_the_digits_through_the_cli(tmp_path):
         assert f"train/{t}_loss" in header and f"train/{t}_acc" in header, header
     enc = selfsup.load_encoder(run / "export")
     assert enc(torch.rand(2, 3, 32, 32)).shape == (2, enc.num_features)
+
+
+def test_rotation_and_cpc_share_the_backbone_and_one_step_lowers_their_loss():
+    torch.manual_seed(0)
+    model = MultiTask(backbone="convnet_small", tasks="cpc,rotation", norm="layer", optimizer="adamw", lr=3e-4,
+                      crop_scale=1.0, flip=False)
+    batch = fixed_batch(n=8, size=32)
+    out = model.loss(batch)
+    for k in ("cpc_loss", "cpc_acc", "rotation_loss", "rotation_acc"):
+        assert k in out and out[k].ndim == 0, sorted(out)
+    torch.testing.assert_close(out["loss"].detach(), out["cpc_loss"] + out["rotation_loss"])
+    # the probe reuses rotation's whole-image features (the encoder's), not cpc's mean of patch vectors
+    torch.testing.assert_close(out["features"], model.encode(batch[0]), rtol=1e-4, atol=1e-4)
+    before, after = seeded_loss_before_and_after_one_step(model, batch)
+    assert after < before
+
+
+def test_cpc_on_a_batch_norm_backbone_warns_once_when_training_starts():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # building (as load_encoder does) is silent
+        model = MultiTask(backbone="convnet_small", tasks="rotation,cpc")
+    with pytest.warns(UserWarning, match="batch-norm backbone.*--norm layer") as record:
+        model.on_fit_start()
+    assert len([w for w in record if "batch-norm" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MultiTask(backbone="convnet_small", tasks="rotation,cpc", norm="layer").on_fit_start()
+        MultiTask(backbone="convnet_small", tasks="rotation,jigsaw").on_fit_start()
+
+
+def test_cpc_with_colorization_sees_lightness():
+    torch.manual_seed(0)
+    model = MultiTask(backbone="convnet_small", tasks="colorization,cpc", norm="layer")
+    assert model.backbone.in_chans == 1
+    out = model.loss(fixed_batch(n=4, size=32))
+    assert torch.isfinite(out["loss"]) and "cpc_acc" in out and "colorization_acc" in out
+
+
+def test_rotation_and_cpc_pretrain_on_the_digits_through_the_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["selfsup"])
+    monkeypatch.setenv(RUN_DIR_ENV, "")  # restored after the test: pretrain sets it for DDP ranks
+    with pytest.warns(UserWarning, match="--norm layer"):  # the default norm: the user is told
+        rc = cli.main(["pretrain", "--method", "multitask", "--tasks", "rotation,cpc", "--backbone", "convnet_small",
+                       "--data", "digits", "--image-size", "16", "--batch-size", "16", "--max-steps", "2",
+                       "--log-every-n-steps", "1", "--name", "m"])
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    run = tmp_path / "runs" / "m"
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    for k in ("train/cpc_loss", "train/cpc_acc", "train/rotation_loss", "train/rotation_acc"):
+        assert k in header, header
+    enc = selfsup.load_encoder(run / "export")
+    with torch.no_grad():
+        assert enc(torch.rand(2, 3, 16, 16)).shape == (2, enc.num_features)

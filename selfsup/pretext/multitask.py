@@ -4,6 +4,7 @@ Every task of :data:`~selfsup.pretext.task.TASKS` named in ``tasks`` builds its 
 defaults and makes its own inputs from the same augmented batch; the backbone gets the weighted sum of
 their losses. When any chosen task needs a lightness-only backbone (colorization), the backbone sees CIE
 lightness for every task, the paper's "lightness only" input; the exported encoder still takes RGB.
+The exported encoder pools the backbone over whole images, whichever tasks trained it (``cpc`` too).
 
 - [0] Multi-task Self-Supervised Visual Learning, Doersch & Zisserman 2017, https://arxiv.org/abs/1708.07860
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import difflib
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from selfsup.errors import ConfigError
@@ -58,6 +60,12 @@ class MultiTask(SSLModule):
             ``rotation,relative_position,colorization``. If any of them needs lightness input
             (colorization), the backbone is lightness-only and every task sees lightness (the
             paper's "lightness only" input); the exported encoder still takes RGB and converts it.
+            ``cpc`` cuts its patch grid from the batch as it is (32 px: 8 px patches at stride 4), so
+            the images must be square and at least a patch wide. CPC v2 needs a backbone without batch
+            norm (the patches of one image share its statistics, a shortcut): with ``cpc`` on a
+            batch-norm backbone (the default ``norm``) a warning at the start of training says to pass
+            ``--norm layer``. The default stays the backbone's own, so that adding ``cpc`` never
+            changes how the other tasks train.
         task_weights: comma-separated loss weights, one per task (e.g. ``1,1,0.5``); ``None``: all 1.
     """
 
@@ -69,6 +77,17 @@ class MultiTask(SSLModule):
         self.task_names, self.task_weights = names, weights
         self.tasks = nn.ModuleDict({t: TASKS[t](self.num_features, in_chans) for t in names})
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # Warned when training starts, not at construction: load_encoder rebuilds the model to encode only.
+        shunned = [t for t in self.task_names if not self.tasks[t].batch_norm_ok]
+        if shunned and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.backbone.modules()):
+            rank_zero_warn(
+                f"multitask: task {', '.join(shunned)} on a batch-norm backbone lets the patches of one image "
+                f"share batch statistics (a shortcut CPC v2 avoids with layer norm); pass --norm layer",
+                category=UserWarning,
+            )
+
     def loss(self, batch):
         x = self.augment(batch[0])  # (B, 3, H, W) in [0, 1], one augmented batch for every task
         total = torch.zeros((), device=x.device)
@@ -79,7 +98,8 @@ class MultiTask(SSLModule):
             logs[f"{name}_loss"] = out["loss"].detach()
             for k, v in out.items():
                 if k == "features":
-                    logs.setdefault("features", v)
+                    if task.whole_image_features:  # what the encoder computes, so the online probe may reuse it
+                        logs.setdefault("features", v)
                 elif k != "loss" and v.ndim == 0:
                     logs[k if k.startswith(f"{name}_") else f"{name}_{k}"] = v.detach()
         return {"loss": total, **logs}

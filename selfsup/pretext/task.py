@@ -46,6 +46,12 @@ class Task(nn.Module):
     task_name: str = ""
     in_chans: ClassVar[int] = 3
     """Backbone input channels the task needs: 1 for colorization (lightness in, colour out)."""
+    whole_image_features: ClassVar[bool] = True
+    """Whether the ``features`` it returns are pooled backbone features of whole images, as a plain
+    encoder computes them; CPC's are means of patch vectors, which ``multitask``'s probe does not reuse."""
+    batch_norm_ok: ClassVar[bool] = True
+    """False for a task that batch norm lets cheat (CPC: statistics shared by the patches of one image);
+    ``multitask`` warns when such a task gets a batch-norm backbone."""
 
     def forward(self, x: torch.Tensor, backbone: nn.Module, prepare: nn.Module) -> dict[str, torch.Tensor]:
         """The task's loss on a batch.

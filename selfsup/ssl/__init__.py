@@ -1,6 +1,9 @@
-"""The shared spine (backbone, SSLModule) and the contrastive and generative methods."""
+"""The shared spine (backbone, SSLModule) and the contrastive and generative methods.
 
-from selfsup.ssl import cpc as _cpc  # noqa: E402,F401  (registers "cpc" in METHODS)
+CPC (:mod:`selfsup.ssl.cpc`) is a pretext :class:`~selfsup.pretext.task.Task` too, so :mod:`selfsup.pretext`
+imports (and so registers) it: importing it here would close an import cycle through ``pretext.task``.
+"""
+
 from selfsup.ssl import generative as _generative  # noqa: E402,F401  (registers the generative methods)
 from selfsup.ssl.backbone import BACKBONES, Backbone, register_backbone
 from selfsup.ssl.module import METHODS, SSLModule, load_encoder, register_method

@@ -4,6 +4,8 @@ Each image is cut on the device into an overlapping grid of patches; the shared 
 patch of the batch in one pass; a PixelCNN-style network summarises, for every grid row, the rows at
 or above it; and a linear map per offset ``k`` predicts the target vector ``k`` rows below. InfoNCE
 scores each prediction against every patch vector in the batch (:class:`~selfsup.ssl.losses.GridInfoNCE`).
+The loss is a pretext :class:`CPCTask` (task ``cpc``, so ``multitask`` combines it with the others on one
+backbone); the method :class:`CPC` wraps it and exports a patch-grid encoder.
 
 - [0] Data-Efficient Image Recognition with Contrastive Predictive Coding (CPC v2), Hénaff et al. 2019,
   https://arxiv.org/abs/1905.09272
@@ -15,15 +17,20 @@ scores each prediction against every patch vector in the batch (:class:`~selfsup
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfsup.data.transforms import to_float
 from selfsup.errors import ConfigError
+from selfsup.pretext.task import Task, TaskMethod, register_task
 from selfsup.ssl.backbone import Backbone
 from selfsup.ssl.losses import GridInfoNCE
-from selfsup.ssl.module import SSLModule, register_method
+from selfsup.ssl.module import register_method
 
 DIRECTIONS = {"down": (1, 0), "up": (-1, 0), "right": (0, 1), "left": (0, -1)}
 """Prediction directions and their grid steps: ``down`` means context above predicts rows below."""
@@ -78,7 +85,8 @@ class PatchAugment(nn.Module):
 
     Colour dropping (Doersch et al. 2015) keeps one random channel of a patch and replaces the other two
     by Gaussian noise of std ``noise_std`` around 0, the dataset mean of normalised images (1/100 of a
-    channel's std, as Doersch et al.), so a patch's colour cannot be matched across patches.
+    channel's std, as Doersch et al.), so a patch's colour cannot be matched across patches. One-channel
+    (lightness) patches have no colour to drop: they are only flipped.
 
     Args:
         color_drop: probability that a patch has two of its three channels dropped.
@@ -86,7 +94,7 @@ class PatchAugment(nn.Module):
         noise_std: std of the noise replacing the dropped channels, in normalised units.
 
     Shape:
-        - Input: ``(N, 3, p, p)`` normalised patches -> Output: same shape
+        - Input: ``(N, C, p, p)`` normalised patches, ``C`` 3 or 1 -> Output: same shape
     """
 
     def __init__(self, color_drop: float = 1.0, flip: float = 0.5, noise_std: float = 0.01) -> None:
@@ -98,7 +106,7 @@ class PatchAugment(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         n, c, dev = patches.shape[0], patches.shape[1], patches.device
-        if self.color_drop > 0:
+        if self.color_drop > 0 and c > 1:
             keep = F.one_hot(torch.randint(0, c, (n,), device=dev), c).to(patches.dtype)  # (N, C)
             drop = torch.rand(n, device=dev) < self.color_drop  # (N,)
             mask = torch.where(drop[:, None], keep, torch.ones_like(keep))[:, :, None, None]  # (N, C, 1, 1)
@@ -225,10 +233,190 @@ class PatchEncoder(nn.Module):
         return self.patch_features(x).mean(dim=(1, 2))  # (B, Gh, Gw, D) -> (B, D)
 
 
+@dataclass(frozen=True)
+class PatchGrid:
+    """CPC's patch geometry on square images: patch side, stride, and the offsets that are predicted.
+
+    Attributes:
+        image_size: side of the square images the grid is cut from.
+        patch: patch side in pixels.
+        stride: step between patches in pixels.
+        offsets: the prediction offsets ``k`` (rows ahead), increasing.
+    """
+
+    image_size: int
+    patch: int
+    stride: int
+    offsets: tuple[int, ...]
+
+    @property
+    def grid(self) -> int:
+        """Patches per side: ``(image_size - patch) // stride + 1``."""
+        return (self.image_size - self.patch) // self.stride + 1
+
+    @staticmethod
+    @lru_cache(maxsize=64)
+    def for_image(
+        image_size: int, patch_size: int | None = None, patch_stride: int | None = None, max_offset: int = 5,
+        skip_overlap: bool = True,
+    ) -> PatchGrid:
+        """The grid of ``image_size`` px images; ``None`` picks :func:`default_patch_grid`'s patch / stride.
+
+        Offsets ``1..max_offset`` are predicted, less those whose target patches overlap the context row
+        (``k * stride < patch``) with ``skip_overlap``; ``ConfigError`` when the images are smaller than a
+        patch or the grid leaves no offset (``max_offset`` must be below the patches per side).
+        """
+        default_patch, default_stride = default_patch_grid(image_size)
+        patch = default_patch if patch_size is None else patch_size
+        stride = default_stride if patch_stride is None else patch_stride
+        if not 1 <= patch <= image_size or stride < 1:
+            raise ConfigError(
+                f"need 1 <= patch_size <= image_size and patch_stride >= 1, got "
+                f"patch_size={patch!r}, patch_stride={stride!r}, image_size={image_size!r}"
+            )
+        grid = (image_size - patch) // stride + 1
+        offsets = tuple(k for k in range(1, max_offset + 1) if not (skip_overlap and k * stride < patch))
+        if not offsets or max_offset >= grid:
+            raise ConfigError(
+                f"max_offset={max_offset!r} leaves no offset to predict on a {grid}x{grid} grid of "
+                f"{image_size} px images (patch {patch}, stride {stride}, skip_overlap={skip_overlap}): need "
+                f"max_offset < {grid}" + (" and max_offset * stride >= patch" if skip_overlap else "")
+            )
+        return PatchGrid(image_size, patch, stride, offsets)
+
+
+@register_task("cpc")
+class CPCTask(Task):
+    """CPC v2's loss on a shared backbone: patch grid, patch augmentation, context network, predictors, InfoNCE.
+
+    Every patch of the batch goes through the backbone in one pass; the context network, the target
+    projection and one ``(D, T)`` predictor per offset make the predictions, and
+    :class:`~selfsup.ssl.losses.GridInfoNCE` scores them against every patch vector of the batch.
+    Returns ``loss``, ``cpc_acc`` and the mean patch vector of each image as ``features``.
+
+    Args:
+        num_features: the backbone's pooled width ``D``.
+        in_chans: the backbone's input channels; with 1 (lightness, when multitask has colorization) the
+            patch augmentation's colour dropping has nothing to drop and only flips.
+        image_size: resize (shorter side) and centre-crop every batch to this side first
+            (:func:`fit_images`), as :class:`CPC` does; ``None`` (multitask's default) cuts the grid
+            from the images as given, with the geometry of their size (:meth:`PatchGrid.for_image`;
+            32 px: 8 px patches at stride 4); they must be square and at least a patch wide.
+        Other arguments: see :class:`CPC`.
+    """
+
+    whole_image_features: ClassVar[bool] = False
+    batch_norm_ok: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        num_features: int,
+        in_chans: int = 3,
+        *,
+        image_size: int | None = None,
+        patch_size: int | None = None,
+        patch_stride: int | None = None,
+        max_offset: int = 5,
+        skip_overlap: bool = True,
+        directions: str = "down",
+        context_hidden: int = 256,
+        context_blocks: int = 5,
+        target_dim: int | None = 64,
+        emb_scale: float = 0.1,
+        patch_color_drop: float = 1.0,
+        patch_flip: float = 0.5,
+        chunk_size: int | None = 4096,
+        gather_negatives: bool = False,
+    ) -> None:
+        super().__init__()
+        if image_size is not None and image_size < 1:
+            raise ConfigError(f"image_size must be positive or None, got {image_size!r}")
+        for name, v in (("patch_size", patch_size), ("patch_stride", patch_stride), ("max_offset", max_offset)):
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} must be positive, got {v!r}")
+        dirs = tuple(d.strip() for d in directions.split(","))
+        if not dirs or any(d not in DIRECTIONS for d in dirs) or len(set(dirs)) != len(dirs):
+            raise ConfigError(
+                f"directions must be distinct names from {sorted(DIRECTIONS)}, got {directions!r}"
+            )
+        for name, v in (
+            ("context_hidden", context_hidden),
+            ("target_dim", target_dim),
+            ("chunk_size", chunk_size),
+        ):
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} must be positive, got {v!r}")
+        if context_blocks < 0 or emb_scale <= 0:
+            raise ConfigError(
+                f"need context_blocks >= 0 and emb_scale > 0, got {context_blocks!r}, {emb_scale!r}"
+            )
+        self.image_size, self.emb_scale = image_size, emb_scale
+        self._grid_options = (patch_size, patch_stride, max_offset, skip_overlap)
+        # One predictor per offset: a fixed image size fixes the offsets; otherwise 1..max_offset, of which
+        # each image size uses its own (the rows of the others get no gradient from it).
+        self.predictor_offsets = (
+            tuple(range(1, max_offset + 1)) if image_size is None else self.grid_for(image_size).offsets
+        )
+        d = num_features
+        t = d if target_dim is None else target_dim
+        self.patch_augment = PatchAugment(patch_color_drop, patch_flip)
+        self.context = ContextNetwork(d, context_hidden, context_blocks, dirs)
+        self.target_proj = nn.Identity() if target_dim is None else nn.Linear(d, t)
+        # One (D, T) map per offset, applied to all offsets as one einsum.
+        self.predictors = nn.Parameter(torch.randn(len(self.predictor_offsets), d, t) / d**0.5)  # (K, D, T)
+        self._loss_args = ([DIRECTIONS[x] for x in dirs], chunk_size, gather_negatives)
+        self._criteria: dict[tuple[int, ...], GridInfoNCE] = {}  # by offsets; parameter-free
+
+    def grid_for(self, image_size: int) -> PatchGrid:
+        """The patch geometry of ``image_size`` px images with this task's options."""
+        return PatchGrid.for_image(image_size, *self._grid_options)
+
+    def criterion(self, offsets: tuple[int, ...]) -> GridInfoNCE:
+        """The InfoNCE loss over the predictions of ``offsets`` (built once per offset set)."""
+        if offsets not in self._criteria:
+            self._criteria[offsets] = GridInfoNCE(offsets, *self._loss_args)
+        return self._criteria[offsets]
+
+    def predict(
+        self, z: torch.Tensor, offsets: tuple[int, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions and targets from the patch-vector grid, for ``offsets`` (``None``: every predictor's).
+
+        Shape:
+            - Input: ``(B, G, G, D)``
+            - Output: predictions ``(R, K, B, G, G, T)`` and targets ``(B, G, G, T)``
+        """
+        weights = self.predictors  # (K_all, D, T)
+        if offsets is not None and offsets != self.predictor_offsets:
+            rows = torch.tensor([self.predictor_offsets.index(k) for k in offsets], device=z.device)
+            weights = weights[rows]  # (K_all, D, T) -> (K, D, T)
+        ctx = self.context(z.permute(0, 3, 1, 2))  # (B, G, G, D) -> (B, D, G, G) -> (R, B, D, G, G)
+        preds = torch.einsum("rbdij,kdt->rkbijt", ctx, weights) * self.emb_scale  # (R, K, B, G, G, T)
+        return preds, self.target_proj(z)  # targets (B, G, G, T)
+
+    def forward(self, x, backbone, prepare):
+        if self.image_size is not None:
+            x = fit_images(x, self.image_size)  # (B, 3, S, S) in [0, 1]
+        if x.shape[-1] != x.shape[-2]:
+            raise ConfigError(f"cpc needs square images (or an image_size), got {tuple(x.shape[-2:])}")
+        geo = self.grid_for(int(x.shape[-1]))
+        grid = patchify(prepare(x), geo.patch, geo.stride)  # (B, G, G, C, p, p)
+        b, g = grid.shape[:2]
+        patches = grid.reshape(b * g * g, *grid.shape[3:])  # (B, G, G, C, p, p) -> (B*P, C, p, p)
+        if self.training:
+            patches = self.patch_augment(patches)
+        z = backbone(patches).view(b, g, g, -1)  # (B*P, D) -> (B, G, G, D)
+        preds, targets = self.predict(z, geo.offsets)
+        loss, acc = self.criterion(geo.offsets)(preds, targets)
+        return {"loss": loss, "cpc_acc": acc, "features": z.detach().mean(dim=(1, 2))}  # (B, D)
+
+
 @register_method("cpc")
-class CPC(SSLModule):
+class CPC(TaskMethod):
     """CPC v2 (Hénaff et al. 2019): contrastive prediction of patch encodings down an image.
 
+    The loss is :class:`CPCTask`'s (which ``multitask --tasks ...,cpc`` reuses) on batches fitted to
+    ``image_size``; the exported encoder (:class:`PatchEncoder`) mean-pools the patch vectors of that grid.
     Defaults follow the paper's pseudo-code (appendix A.2) where it is explicit: layer norm in the
     encoder, 5 residual PixelCNN blocks of width 256, targets projected to 64 dims, predictions scaled by
     0.1. For 32 px images the grid is Bolts' CIFAR grid (8 px patches at stride 4, 7x7); the optimiser
@@ -237,7 +425,9 @@ class CPC(SSLModule):
     skips them too), so a 32 px image predicts offsets 2..5 on its 7x7 grid.
 
     The base arguments' defaults differ from :class:`~selfsup.ssl.module.SSLModule`'s (layer norm,
-    AdamW at 2e-4, no weight decay); ``crop_scale``/``flip`` act on whole images.
+    AdamW at 2e-4, no weight decay); ``crop_scale``/``flip`` act on whole images. Lightning checkpoints
+    written before the loss moved into :class:`CPCTask` (its parameters now live under ``task.``) do not
+    resume; their exports still load.
 
     Args:
         image_size: side of the square images the grid is cut from; training batches and evaluation
@@ -262,6 +452,7 @@ class CPC(SSLModule):
     """
 
     base_defaults = {"norm": "layer", "optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0}
+    task: CPCTask
 
     def __init__(
         self,
@@ -283,77 +474,22 @@ class CPC(SSLModule):
         **base,
     ) -> None:
         super().__init__(**(self.base_defaults | base))
-        if image_size < 1:
+        if image_size is None or image_size < 1:
             raise ConfigError(f"image_size must be positive, got {image_size!r}")
-        default_patch, default_stride = default_patch_grid(image_size)
-        self.patch = default_patch if patch_size is None else patch_size
-        self.stride = default_stride if patch_stride is None else patch_stride
-        if not 1 <= self.patch <= image_size or self.stride < 1:
-            raise ConfigError(
-                f"need 1 <= patch_size <= image_size and patch_stride >= 1, got "
-                f"patch_size={self.patch!r}, patch_stride={self.stride!r}, image_size={image_size!r}"
-            )
-        self.grid = (image_size - self.patch) // self.stride + 1
-        dirs = tuple(d.strip() for d in directions.split(","))
-        if not dirs or any(d not in DIRECTIONS for d in dirs) or len(set(dirs)) != len(dirs):
-            raise ConfigError(
-                f"directions must be distinct names from {sorted(DIRECTIONS)}, got {directions!r}"
-            )
-        offsets = [k for k in range(1, max_offset + 1) if not (skip_overlap and k * self.stride < self.patch)]
-        if not offsets or max_offset >= self.grid:
-            raise ConfigError(
-                f"max_offset={max_offset!r} leaves no offset to predict on a {self.grid}x{self.grid} grid "
-                f"(patch {self.patch}, stride {self.stride}, skip_overlap={skip_overlap}): need "
-                f"max_offset < {self.grid}" + (" and max_offset * stride >= patch" if skip_overlap else "")
-            )
-        for name, v in (
-            ("context_hidden", context_hidden),
-            ("target_dim", target_dim),
-            ("chunk_size", chunk_size),
-        ):
-            if v is not None and v < 1:
-                raise ConfigError(f"{name} must be positive, got {v!r}")
-        if context_blocks < 0 or emb_scale <= 0:
-            raise ConfigError(
-                f"need context_blocks >= 0 and emb_scale > 0, got {context_blocks!r}, {emb_scale!r}"
-            )
-        self.offsets = tuple(offsets)
-        d = self.num_features
-        t = d if target_dim is None else target_dim
-        self.patch_augment = PatchAugment(patch_color_drop, patch_flip)
-        self.context = ContextNetwork(d, context_hidden, context_blocks, dirs)
-        self.target_proj = nn.Identity() if target_dim is None else nn.Linear(d, t)
-        # One (D, T) map per offset, applied to all offsets as one einsum.
-        self.predictors = nn.Parameter(torch.randn(len(offsets), d, t) / d**0.5)  # (K, D, T)
-        self.criterion = GridInfoNCE(
-            self.offsets, [DIRECTIONS[x] for x in dirs], chunk_size, gather_negatives
+        self.task = CPCTask(
+            self.num_features, self.backbone.in_chans, image_size=image_size, patch_size=patch_size,
+            patch_stride=patch_stride, max_offset=max_offset, skip_overlap=skip_overlap, directions=directions,
+            context_hidden=context_hidden, context_blocks=context_blocks, target_dim=target_dim,
+            emb_scale=emb_scale, patch_color_drop=patch_color_drop, patch_flip=patch_flip,
+            chunk_size=chunk_size, gather_negatives=gather_negatives,
         )
+
+    @property
+    def geometry(self) -> PatchGrid:
+        """The training grid: patch, stride, patches per side and predicted offsets at ``image_size``."""
+        return self.task.grid_for(self.hparams.image_size)
 
     def encoder(self) -> PatchEncoder:
         """Patchify at the training size, encode every patch, mean-pool the grid -> ``(B, D)``."""
-        return PatchEncoder(self.backbone, self.normalize, self.hparams.image_size, self.patch, self.stride)
-
-    def predict(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictions and targets from the patch-vector grid.
-
-        Shape:
-            - Input: ``(B, G, G, D)``
-            - Output: predictions ``(R, K, B, G, G, T)`` and targets ``(B, G, G, T)``
-        """
-        ctx = self.context(z.permute(0, 3, 1, 2))  # (B, G, G, D) -> (B, D, G, G) -> (R, B, D, G, G)
-        preds = (
-            torch.einsum("rbdij,kdt->rkbijt", ctx, self.predictors) * self.hparams.emb_scale
-        )  # (R, K, B, G, G, T)
-        return preds, self.target_proj(z)  # targets (B, G, G, T)
-
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = fit_images(self.augment(batch[0]), self.hparams.image_size)  # (B, 3, S, S) in [0, 1]
-        grid = patchify(self.normalize(x), self.patch, self.stride)  # (B, G, G, 3, p, p)
-        b, g = grid.shape[:2]
-        patches = grid.reshape(b * g * g, *grid.shape[3:])  # (B, G, G, 3, p, p) -> (B*P, 3, p, p)
-        if self.training:
-            patches = self.patch_augment(patches)
-        z = self.backbone(patches).view(b, g, g, -1)  # (B*P, D) -> (B, G, G, D)
-        preds, targets = self.predict(z)
-        loss, acc = self.criterion(preds, targets)
-        return {"loss": loss, "cpc_acc": acc, "features": z.detach().mean(dim=(1, 2))}  # (B, D)
+        geo = self.geometry
+        return PatchEncoder(self.backbone, self.normalize, geo.image_size, geo.patch, geo.stride)
