@@ -89,3 +89,18 @@ def test_patch_resize_and_a_too_large_patch():
     assert model.loss(fixed_batch(n=4, size=32))["loss"].ndim == 0
     with pytest.raises(ConfigError, match="do not fit"):
         RelativePosition(backbone="convnet_small", patch_size=10).loss(fixed_batch(n=4, size=32))
+
+
+def test_small_tiles_are_upsampled_to_the_backbone_by_default():
+    from selfsup.pretext.patches import MIN_TILE, tile_side
+
+    assert (tile_side(7, None), tile_side(22, None), tile_side(7, 0), tile_side(7, 12)) == (MIN_TILE, 22, 7, 12)
+    seen = []
+    for resize, side in ((None, MIN_TILE), (0, 7)):
+        model = RelativePosition(backbone="convnet_small", patch_resize=resize)
+        hook = model.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-1]))
+        model.loss(fixed_batch(n=4, size=32))  # 32 px images: 7 px tiles
+        hook.remove()
+        assert seen.pop() == side
+    with pytest.raises(ConfigError, match="patch_resize must be >= 0"):
+        RelativePosition(backbone="convnet_small", patch_resize=-1)

@@ -108,13 +108,15 @@ class Jigsaw(TaskMethod):
 
     The tile grid follows the size of the training images, as for relative position (see
     :class:`~selfsup.pretext.patches.TileGrid`): at 32 px, 7 px tiles at least 1 px apart with up to
-    2 px of jitter. Each step encodes nine tiles per image.
+    2 px of jitter, upsampled to 16 px before the backbone. Each step encodes nine tiles per image.
 
     Args:
         num_permutations: size of the permutation set (classes), chosen for maximal Hamming distance.
         patch_size: tile side in pixels; ``None`` derives it from the image size (0.7 of a grid cell).
         patch_gap: smallest gap between tiles in pixels; ``None``: 0.1 of a cell, at least 1 px.
-        patch_resize: upsample tiles to this side before the backbone; ``None`` keeps their size.
+        patch_resize: side tiles are resized to (bilinear) before the backbone; ``None``: tiles under 16 px
+            are upsampled to 16 px (:data:`~selfsup.pretext.patches.MIN_TILE`: at 32 px, 7 px tiles as
+            they are learn features that are worse than random ones on whole images); 0: never resize.
         color_drop: probability that a tile keeps one random colour channel only (the others faint noise);
             off by default, as for :class:`~selfsup.pretext.relative_position.RelativePosition`.
         head_hidden: hidden width of the MLP on the nine concatenated tile features.

@@ -27,6 +27,15 @@ from selfsup.pretext.task import Task
 GRID = 3
 """Tiles per side of the grid (both papers use 3x3)."""
 
+MIN_TILE = 16
+"""Default smallest tile side the backbone sees: smaller tiles are upsampled to it (``patch_resize=None``).
+
+A CIFAR-sized image gives 7 px tiles; a backbone that downsamples by 8 turns them into one feature
+position, and what it learns there does not transfer to whole images (measured on CIFAR-10, 32 px,
+``convnet_small``, linear probe on a 10k-image subset: 7 px tiles as they are 36.8 % after 2,100
+steps, below the 38.0 % random-init floor even with batch-norm statistics re-estimated on whole
+images, 36.2 %; tiles upsampled to 16 px 39.6 % after 800 steps)."""
+
 
 @dataclass(frozen=True)
 class TileGrid:
@@ -123,6 +132,13 @@ def cut_tiles(x: torch.Tensor, origins: torch.Tensor, patch: int) -> torch.Tenso
     return tiles.permute(0, 1, 4, 2, 3)  # (B, T, p, p, C) -> (B, T, C, p, p)
 
 
+def tile_side(patch: int, patch_resize: int | None) -> int:
+    """The side tiles of ``patch`` px are resized to: ``patch_resize``; ``None``: at least :data:`MIN_TILE`; 0: ``patch``."""
+    if patch_resize is None:
+        return max(patch, MIN_TILE)
+    return patch_resize or patch
+
+
 def resize_tiles(tiles: torch.Tensor, size: int | None) -> torch.Tensor:
     """Upsample (bilinear) tiles for the backbone; ``None`` or their own size leaves them as they are.
 
@@ -136,7 +152,7 @@ def resize_tiles(tiles: torch.Tensor, size: int | None) -> torch.Tensor:
 
 def check_tile_options(patch_size: int | None, patch_gap: int | None, patch_resize: int | None) -> None:
     """``ConfigError`` for tile options that no image size can satisfy (the rest is checked per image size)."""
-    for name, v, low in (("patch_size", patch_size, 1), ("patch_gap", patch_gap, 0), ("patch_resize", patch_resize, 1)):
+    for name, v, low in (("patch_size", patch_size, 1), ("patch_gap", patch_gap, 0), ("patch_resize", patch_resize, 0)):
         if v is not None and v < low:
             raise ConfigError(f"{name} must be >= {low} or None, got {v!r}")
 
@@ -194,7 +210,8 @@ class TileTask(Task):
             - Input: tiles ``(B, T, C, p, p)``, labels ``(B,)``
         """
         b = tiles.shape[0]
-        flat = resize_tiles(tiles.flatten(0, 1), self.patch_resize)  # (B, T, C, p, p) -> (B*T, C, p', p')
+        side = tile_side(tiles.shape[-1], self.patch_resize)
+        flat = resize_tiles(tiles.flatten(0, 1), side)  # (B, T, C, p, p) -> (B*T, C, p', p')
         if self.training:
             flat = self.augment(flat)
         logits = self.head(backbone(flat).view(b, -1))  # (B*T, D) -> (B, T*D), tile order kept

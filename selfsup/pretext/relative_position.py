@@ -80,11 +80,14 @@ class RelativePosition(TaskMethod):
 
     The tile grid follows the size of the training images (:meth:`TileGrid.for_image`): at 32 px,
     7 px tiles at least 1 px apart with up to 2 px of jitter; at 16 px, 4 px tiles with a 1 px gap.
+    Tiles under 16 px are upsampled to 16 px before the backbone (``patch_resize``).
 
     Args:
         patch_size: tile side in pixels; ``None`` derives it from the image size (0.7 of a grid cell).
         patch_gap: smallest gap between tiles in pixels; ``None``: 0.1 of a cell, at least 1 px.
-        patch_resize: upsample tiles to this side before the backbone; ``None`` keeps their size.
+        patch_resize: side tiles are resized to (bilinear) before the backbone; ``None``: tiles under 16 px
+            are upsampled to 16 px (:data:`~selfsup.pretext.patches.MIN_TILE`: at 32 px, 7 px tiles as
+            they are learn features that are worse than random ones on whole images); 0: never resize.
         color_drop: probability that a tile keeps one random colour channel only (the others faint
             noise): the paper's colour dropping against chromatic aberration. Off by default: at 32 px
             there is no chromatic aberration to hide, and with batch norm the dropped channels shift the
