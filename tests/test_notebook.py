@@ -7,7 +7,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat", reason="install the dev extra: pip install -e '.[dev]'")
 nbclient = pytest.importorskip("nbclient", reason="install the dev extra: pip install -e '.[dev]'")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_quickstart.ipynb"
 
 pytestmark = pytest.mark.slow
 
