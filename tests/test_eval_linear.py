@@ -210,3 +210,39 @@ def test_rows_float16_memmap_and_streaming_give_the_resident_result(tmp_path):
     assert abs(streamed["top1"] - ref["top1"]) <= 0.5
     for a, b in zip(streamed["val_curve"], ref["val_curve"], strict=True):
         assert abs(a["val_loss"] - b["val_loss"]) <= 1e-3 * b["val_loss"]
+
+
+def test_l2_search_shows_each_strength_and_is_silent_without_progress(monkeypatch, capsys):
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from selfsup.eval import linear
+    from selfsup.progress import COLUMNS
+
+    seen = []
+
+    class Recording(Progress):
+        def update(self, task_id, **kw):
+            if "description" in kw:
+                seen.append(kw["description"])
+            super().update(task_id, **kw)
+
+    def recording(enabled=True, **kw):
+        return Recording(*COLUMNS, console=Console(file=io.StringIO()), disable=not enabled)
+
+    xtr, ytr, xte, yte = blobs(120, 60, 6, 3, sep=1.0)
+    grid = [1e-3, 1e-2, 1e-1]
+    quiet = linear_probe(xtr, ytr, xte, yte, weight_decays=grid, patience=None)  # progress is off by default
+    assert capsys.readouterr() == ("", "")
+    shown = linear_probe(xtr, ytr, xte, yte, weight_decays=grid, patience=None, progress=True)
+    out = capsys.readouterr().out
+    assert f"probe L2 search: chose weight_decay {shown['weight_decay']:g} (val top-1 " in out
+    assert "3/3" in out  # how many strengths were fitted, of how many
+    assert shown["top1"] == quiet["top1"]
+    monkeypatch.setattr(linear, "make_progress", recording)
+    linear_probe(xtr, ytr, xte, yte, weight_decays=grid, patience=None, progress=True)
+    n_fit = shown["n_train"] - shown["n_val"]
+    assert seen[:3] == [f"probe L2 search: weight_decay {wd:g} (C={1 / (wd * n_fit):.3g})"
+                        for wd in [1e-1, 1e-2, 1e-3]]  # strongest first, with the equivalent C

@@ -144,7 +144,8 @@ def prepare(
     feats = {}
     for name, enc in encoders.items():
         kw = dict(batch_size=batch_size, cache_dir=cache, dtype=dtype, progress=progress, **(trainer_kwargs or {}))
-        feats[name] = (extract_features(enc, train, "train", **kw), extract_features(enc, test, "val", **kw))
+        feats[name] = (extract_features(enc, train, "train", name=name, **kw),
+                       extract_features(enc, test, "val", name=name, **kw))
     return EvalData(spec, train, test, feats, sample_keys(train))
 
 
@@ -168,16 +169,18 @@ def _table(title: str, rows: dict[str, dict], columns: dict[str, str]):
 
 
 def evaluate(
-    ev: EvalData, kind: str, k: int = 20, temperature: float | None = None, device: str | None = None
+    ev: EvalData, kind: str, k: int = 20, temperature: float | None = None, device: str | None = None,
+    progress: bool = True,
 ) -> dict[str, dict]:
-    """Linear probe (``kind="probe"``) or kNN (``kind="knn"``) of every encoder on all training labels."""
+    """Linear probe (``kind="probe"``) or kNN (``kind="knn"``) of every encoder on all training labels;
+    ``progress`` shows each probe's L2-strength search."""
     from selfsup.eval.knn import knn_classify
     from selfsup.eval.linear import linear_probe
 
     rows = {}
     for name, pair in ev.features.items():
         if kind == "probe":
-            res = linear_probe(*arrays(pair), device=device)
+            res = linear_probe(*arrays(pair), device=device, progress=progress)
             row = {key: res[key] for key in ("top1", "top5", "weight_decay", "C", "val_top1", "val_curve", "fit",
                                               "settings", "n_train", "n_val", "n_test", "device", "seconds")}
         else:
