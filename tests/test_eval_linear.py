@@ -241,6 +241,8 @@ def test_l2_search_shows_each_strength_and_is_silent_without_progress(monkeypatc
     assert f"probe L2 search: chose weight_decay {shown['weight_decay']:g} (val top-1 " in out
     assert "3/3" in out  # how many strengths were fitted, of how many
     assert shown["top1"] == quiet["top1"]
+    linear_probe(xtr, ytr, xte, yte, weight_decays=grid, patience=None, progress="pixels")
+    assert "probe pixels L2 search: chose weight_decay" in capsys.readouterr().out  # names what it probes
     monkeypatch.setattr(linear, "make_progress", recording)
     linear_probe(xtr, ytr, xte, yte, weight_decays=grid, patience=None, progress=True)
     n_fit = shown["n_train"] - shown["n_val"]

@@ -180,7 +180,7 @@ def evaluate(
     rows = {}
     for name, pair in ev.features.items():
         if kind == "probe":
-            res = linear_probe(*arrays(pair), device=device, progress=progress)
+            res = linear_probe(*arrays(pair), device=device, progress=name if progress else False)
             row = {key: res[key] for key in ("top1", "top5", "weight_decay", "C", "val_top1", "val_curve", "fit",
                                               "settings", "n_train", "n_val", "n_test", "device", "seconds")}
         else:

@@ -697,7 +697,7 @@ def linear_probe(
     seed: int = 0,
     check_finite: bool = True,
     return_model: bool = False,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> dict[str, Any]:
     """Linear evaluation of frozen features: standardise, choose the L2 strength on held-out labels, refit.
 
@@ -742,7 +742,8 @@ def linear_probe(
         seed: seed of the hold-out split and of the mini-batch order.
         check_finite: check the features for NaN/inf (a sweep checks once, then passes False).
         return_model: add the fitted :class:`LinearClassifier` under ``"model"``.
-        progress: show the L2-strength search as a bar (the strength being fitted, how many of how many).
+        progress: show the L2-strength search as a bar (the strength being fitted, how many of how many);
+            a string names what is probed in the bar (e.g. the encoder).
 
     Returns:
         ``{"top1", "top5"}`` test accuracies in percent (top-5 is top-``min(5, C)``), ``"weight_decay"``
@@ -801,10 +802,11 @@ def linear_probe(
         n_val = val_part.n
         scale = gradient_scale(fit_part, c) if batch_size is None else None
         best, since_best = None, 0
-        with make_progress(enabled=progress) as bar:
-            task = bar.add_task("probe: L2 search", total=len(grid))
+        label = f"probe {progress} L2 search" if isinstance(progress, str) else "probe L2 search"
+        with make_progress(enabled=bool(progress)) as bar:
+            task = bar.add_task(label, total=len(grid))
             for wd in grid:
-                bar.update(task, description=f"probe L2 search: weight_decay {wd:g} (C={1 / (wd * fit_part.n):.3g})")
+                bar.update(task, description=f"{label}: weight_decay {wd:g} (C={1 / (wd * fit_part.n):.3g})")
                 w, b, info = _fit(fit_part, c, wd, init, tol=path_tol, scale=scale, **opts)
                 init = (w, b)
                 (acc,), loss = _score(val_part, w, b, (1,))
@@ -817,7 +819,7 @@ def linear_probe(
                     since_best += 1
                     if patience is not None and since_best >= patience:
                         break
-            bar.update(task, description=f"probe L2 search: chose weight_decay {best[0]:g} (val top-1 {best[1]:.1f}%)")
+            bar.update(task, description=f"{label}: chose weight_decay {best[0]:g} (val top-1 {best[1]:.1f}%)")
         chosen, val_top1, _, init = best
         del fit_part, val_part  # free the hold-out copies (resident sets) before the refit
     w, b, info = _fit(data, c, chosen, init, tol=tol, scale=None, **opts)
