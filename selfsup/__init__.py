@@ -4,11 +4,16 @@
 >>> enc = selfsup.load_encoder("runs/rotation/export")  # doctest: +SKIP
 """
 
+import warnings
+
+# Lightning imports tqdm.auto, which warns in a notebook without ipywidgets; selfsup draws rich's bars.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 # Importing the method modules registers them in METHODS.
 from selfsup import pretext as _pretext  # noqa: E402,F401
-from selfsup.eval.features import extract_features
-from selfsup.ssl.backbone import BACKBONES, Backbone
-from selfsup.ssl.module import METHODS, SSLModule, load_encoder
+from selfsup.eval.features import extract_features  # noqa: E402
+from selfsup.ssl.backbone import BACKBONES, Backbone  # noqa: E402
+from selfsup.ssl.module import METHODS, SSLModule, load_encoder  # noqa: E402
 
 __version__ = "0.1.0"
 

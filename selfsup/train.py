@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import yaml
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -52,6 +52,7 @@ from selfsup.data.datamodule import SelfSupDataModule
 from selfsup.divergence import DivergenceGuard
 from selfsup.errors import ConfigError, TrainingError
 from selfsup.eval.online import OnlineLinearProbe
+from selfsup.progress import lightning_bar
 from selfsup.quiet import quiet_lightning
 from selfsup.resume import ExactResume, FreshTimer
 from selfsup.runs import claim_run_dir, merge_metrics, set_aside_metrics
@@ -191,6 +192,8 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
         *([probe] if probe else []),
         *callbacks,
     ]
+    if not any(isinstance(cb, ProgressBar) for cb in cbs):  # rich's bar, readable in a notebook too
+        cbs.append(lightning_bar())
     loggers = [CSVLogger(save_dir=str(run_dir.parent), name=run_dir.name, version="")]
     if cfg["tensorboard"]:
         from pytorch_lightning.loggers import TensorBoardLogger

@@ -305,3 +305,41 @@ def test_shard_blocks_cover_the_rows_and_bad_shards_are_refused():
     tx, ty, vx, vy = blobs(40, 20, 4, 2, 1.0)
     with pytest.raises(ConfigError, match="one process"):
         linear_probe(tx, ty, vx, vy, batch_size=8, shard=Shard(0, 2, noop))
+
+
+def test_l2_search_shows_each_strength_and_is_silent_without_progress(monkeypatch, capsys):
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from selfsup.eval import linear
+    from selfsup.progress import COLUMNS
+
+    seen = []
+
+    class Recording(Progress):
+        def update(self, task_id, **kw):
+            if "description" in kw:
+                seen.append(kw["description"])
+            super().update(task_id, **kw)
+
+    def recording(enabled=True, **kw):
+        return Recording(*COLUMNS, console=Console(file=io.StringIO()), disable=not enabled)
+
+    xtr, ytr, xte, yte = blobs(120, 60, 6, 3, sep=1.0)
+    grid = [1e-3, 1e-2, 1e-1]
+    quiet = linear_probe(xtr, ytr, xte, yte, weight_decays=grid, patience=None)  # progress is off by default
+    assert capsys.readouterr() == ("", "")
+    shown = linear_probe(xtr, ytr, xte, yte, weight_decays=grid, patience=None, progress=True)
+    out = capsys.readouterr().out
+    assert f"probe L2 search: chose weight_decay {shown['weight_decay']:g} (val top-1 " in out
+    assert "3/3" in out  # how many strengths were fitted, of how many
+    assert shown["top1"] == quiet["top1"]
+    linear_probe(xtr, ytr, xte, yte, weight_decays=grid, patience=None, progress="pixels")
+    assert "probe pixels L2 search: chose weight_decay" in capsys.readouterr().out  # names what it probes
+    monkeypatch.setattr(linear, "make_progress", recording)
+    linear_probe(xtr, ytr, xte, yte, weight_decays=grid, patience=None, progress=True)
+    n_fit = shown["n_train"] - shown["n_val"]
+    assert seen[:3] == [f"probe L2 search: weight_decay {wd:g} (C={1 / (wd * n_fit):.3g})"
+                        for wd in [1e-1, 1e-2, 1e-3]]  # strongest first, with the equivalent C

@@ -164,3 +164,25 @@ def test_extraction_removes_what_a_killed_extraction_left(tmp_path):
     feats = selfsup.extract_features(enc, "digits", "val", image_size=8, cache_dir=tmp_path, progress=False)
     assert not stale.exists() and live.exists()
     assert feats.path.parent == tmp_path and not list(tmp_path.glob(f"*.tmp{os.getpid()}"))
+
+
+def test_extraction_bar_names_the_encoder_the_split_and_counts_images(tmp_path, digits16, capsys):
+    enc = _encoder()
+    enc.config = {"method": "rotation", "hparams": {"backbone": "convnet_small"}}  # as load_encoder sets it
+    extract_features(enc, digits16, "val", cache_dir=tmp_path, batch_size=100)
+    out = capsys.readouterr().out
+    assert "extract rotation-convnet_small val (360 images)" in out
+    assert "360/360" in out  # images, not Lightning's 4 batches
+    assert "Predicting" not in out
+    extract_features(enc, digits16, "val", cache_dir=tmp_path, refresh=True, progress=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_harness_bars_name_each_encoder_it_extracts(tmp_path, capsys):
+    from selfsup.eval import harness
+
+    src = harness.resolve_source(random_init="convnet_small", output=str(tmp_path / "eval"))
+    harness.prepare(src, data="digits", image_size=8, cache_dir=tmp_path / "features")
+    out = capsys.readouterr().out
+    for line in ("extract random-init convnet_small train (1,437 images)", "extract pixels val (360 images)"):
+        assert line in out

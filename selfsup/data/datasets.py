@@ -447,14 +447,16 @@ def _decode_files(
     Returns the bad files as ``(index, message)``; raises the first one as :class:`DataError` unless
     ``skip_bad``.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from selfsup.progress import make_progress
 
     if workers is None:
         workers = min(8, _num_cpus()) if len(paths) >= _POOL_MIN_IMAGES else 0
     tasks = [(s, paths[s : s + _CHUNK], size) for s in range(0, len(paths), _CHUNK)]
     bad: list[tuple[int, str]] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as progress:
+    with make_progress(*columns) as progress:
         bar = progress.add_task(f"decoding {label}", total=len(paths))
         pool = _pool_context().Pool(workers) if workers > 0 else None
         try:

@@ -23,11 +23,14 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from rich.console import Console
+from rich.progress import Progress
 from torch import nn
 
 from selfsup.checkpoint import clean_stale_temp_files, finish_temp
 from selfsup.data.datasets import batch_collate, load_dataset
 from selfsup.errors import ConfigError
+from selfsup.progress import make_progress
 from selfsup.quiet import quiet_lightning
 
 TRANSFORM_ID = "resize-centre-crop/no-augmentation/v1"
@@ -173,6 +176,46 @@ class _Extractor(pl.LightningModule):
         return None
 
 
+class PredictionBar(pl.Callback):
+    """A bar over the images a ``Trainer.predict`` runs through, labelled with what it computes.
+
+    Lightning's own bar counts batches under the word "Predicting"; this one reads e.g.
+    ``extract rotation-convnet_small train (50,000 images)`` and counts images. Rank 0 draws it for all
+    ranks (each batch there stands for ``world_size`` batches).
+
+    Args:
+        description: the bar's label.
+        total: number of images.
+        console: where to draw (see :func:`make_progress`).
+    """
+
+    def __init__(self, description: str, total: int, console: Console | None = None) -> None:
+        self.description, self.total, self.console = description, total, console
+        self.progress: Progress | None = None
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.progress = make_progress(console=self.console)
+            self.progress.start()
+            self.task = self.progress.add_task(self.description, total=self.total)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.progress is not None:
+            done = self.progress.tasks[0].completed + len(batch[0]) * trainer.world_size
+            self.progress.update(self.task, completed=min(self.total, done))
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
 def _cache_key(encoder: nn.Module, dataset, split: str, dtype: str) -> tuple[str, dict]:
     meta = {
         "encoder": encoder_fingerprint(encoder),
@@ -205,6 +248,7 @@ def extract_features(
     num_workers: int | None = None,
     refresh: bool = False,
     progress: bool = True,
+    name: str | None = None,
 ) -> Features:
     """Features of every image of ``data``'s ``split``, in dataset order, from the cache when present.
 
@@ -221,6 +265,8 @@ def extract_features(
         accelerator, devices, num_nodes, strategy: Lightning Trainer settings (``strategy="ddp"``
             with ``devices=2`` extracts with two processes).
         refresh: re-extract even when the cache holds these features.
+        progress: show a bar labelled with the encoder, the split and the number of images.
+        name: what the bar calls the encoder (default: :func:`encoder_name`).
 
     Returns:
         :class:`Features` with memory-mapped ``x`` (N, D) and ``y`` (N,).
@@ -242,6 +288,7 @@ def extract_features(
         return _load(path)
 
     module = _Extractor(encoder, _DTYPES[dtype])
+    bar = PredictionBar(f"extract {name or encoder_name(encoder)} {split} ({len(dataset):,} images)", len(dataset))
     loader = torch.utils.data.DataLoader(
         _Indexed(dataset), batch_size=batch_size, shuffle=False, collate_fn=batch_collate,
         num_workers=_workers(dataset, num_workers), pin_memory=torch.cuda.is_available(),
@@ -249,8 +296,8 @@ def extract_features(
     with quiet_lightning():
         trainer = pl.Trainer(
             accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, logger=False,
-            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-            inference_mode=True,
+            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+            inference_mode=True, callbacks=[bar] if progress else [],
         )
         world = trainer.world_size
         if world == 1:
@@ -278,6 +325,17 @@ def extract_features(
         shard_dir.rmdir()
     trainer.strategy.barrier("features-written")
     return _load(path)
+
+
+def encoder_name(encoder: nn.Module) -> str:
+    """A short name of an encoder: ``method-backbone`` from an exported run's config, ``pixels 16px``, or its class."""
+    config = getattr(encoder, "config", None) or {}
+    if config.get("method"):
+        backbone = (config.get("hparams") or {}).get("backbone")
+        return f"{config['method']}-{backbone}" if backbone else str(config["method"])
+    if "pixels" in config:
+        return f"pixels {config['pixels']}px"
+    return type(encoder).__name__
 
 
 def encoder_dim(encoder: nn.Module) -> int:

@@ -145,7 +145,8 @@ def prepare(
     feats = {}
     for name, enc in encoders.items():
         kw = dict(batch_size=batch_size, cache_dir=cache, dtype=dtype, progress=progress, **(trainer_kwargs or {}))
-        feats[name] = (extract_features(enc, train, "train", **kw), extract_features(enc, test, "val", **kw))
+        feats[name] = (extract_features(enc, train, "train", name=name, **kw),
+                       extract_features(enc, test, "val", name=name, **kw))
     return EvalData(spec, train, test, feats, sample_keys(train))
 
 
@@ -171,8 +172,10 @@ def _table(title: str, rows: dict[str, dict], columns: dict[str, str]):
 def evaluate(
     ev: EvalData, kind: str, k: int = 20, temperature: float | None = None, device: str | None = None,
     shard: Shard | None = None,
+    progress: bool = True,
 ) -> dict[str, dict]:
-    """Linear probe (``kind="probe"``) or kNN (``kind="knn"``) of every encoder on all training labels.
+    """Linear probe (``kind="probe"``) or kNN (``kind="knn"``) of every encoder on all training labels;
+    ``progress`` shows each probe's L2-strength search.
 
     With a ``shard`` (every rank of a distributed job calls this) each probe is data-parallel: see
     :func:`~selfsup.eval.linear.linear_probe`; every rank returns the same rows. kNN ignores it.
@@ -183,7 +186,7 @@ def evaluate(
     rows = {}
     for name, pair in ev.features.items():
         if kind == "probe":
-            res = linear_probe(*arrays(pair), device=device, shard=shard)
+            res = linear_probe(*arrays(pair), device=device, shard=shard, progress=name if progress else False)
             row = {key: res[key] for key in ("top1", "top5", "weight_decay", "C", "val_top1", "val_curve", "fit",
                                               "settings", "n_train", "n_val", "n_test", "device", "world_size",
                                               "seconds")}

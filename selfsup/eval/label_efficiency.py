@@ -65,11 +65,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from selfsup.errors import ConfigError
 from selfsup.eval.knn import knn_classify
 from selfsup.eval.linear import ArrayLike, as_labels, as_tensor, check_split, linear_probe
+from selfsup.progress import make_progress
 
 SCHEMA = "selfsup.label_efficiency/1"
 METHODS = ("linear", "knn", "finetune")
@@ -451,8 +451,7 @@ def label_efficiency_sweep(
             if (r == rank and jobs[j][1] != "finetune") or (jobs[j][1] == "finetune" and rank == 0)]
 
     done: dict[tuple, dict[str, Any]] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with make_progress(enabled=progress, transient=True) as bar:
         task = bar.add_task("label efficiency", total=len(mine))
         for name in encoders:
             todo = [j for j in mine if jobs[j][0] == name]

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from selfsup.errors import ConfigError
 from selfsup.eval.shard import Shard
+from selfsup.progress import make_progress
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -743,6 +744,7 @@ def linear_probe(
     check_finite: bool = True,
     return_model: bool = False,
     shard: Shard | None = None,
+    progress: bool | str = False,
 ) -> dict[str, Any]:
     """Linear evaluation of frozen features: standardise, choose the L2 strength on held-out labels, refit.
 
@@ -799,6 +801,8 @@ def linear_probe(
         check_finite: check the features for NaN/inf (a sweep checks once, then passes False).
         return_model: add the fitted :class:`LinearClassifier` under ``"model"``.
         shard: this process's :class:`~selfsup.eval.shard.Shard` of a data-parallel probe; None: one process.
+        progress: show the L2-strength search as a bar (the strength being fitted, how many of how many);
+            a string names what is probed in the bar (e.g. the encoder).
 
     Returns:
         ``{"top1", "top5"}`` test accuracies in percent (top-5 is top-``min(5, C)``), ``"weight_decay"``
@@ -872,18 +876,24 @@ def linear_probe(
         n_val = val_part.total
         scale = gradient_scale(fit_part, c) if batch_size is None else None
         best, since_best = None, 0
-        for wd in grid:
-            w, b, info = _fit(fit_part, c, wd, init, tol=path_tol, scale=scale, **opts)
-            init = (w, b)
-            (acc,), loss = _score(val_part, w, b, (1,))
-            curve.append({"weight_decay": wd, "val_top1": acc, "val_loss": loss,
-                          "iterations": info.iterations, "converged": info.converged})
-            if best is None or (acc, -loss) > (best[1], -best[2]):
-                best, since_best = (wd, acc, loss, init), 0
-            else:
-                since_best += 1
-                if patience is not None and since_best >= patience:
-                    break
+        label = f"probe {progress} L2 search" if isinstance(progress, str) else "probe L2 search"
+        with make_progress(enabled=bool(progress) and (shard is None or shard.rank == 0)) as bar:  # rank 0 only
+            task = bar.add_task(label, total=len(grid))
+            for wd in grid:
+                bar.update(task, description=f"{label}: weight_decay {wd:g} (C={1 / (wd * fit_part.total):.3g})")
+                w, b, info = _fit(fit_part, c, wd, init, tol=path_tol, scale=scale, **opts)
+                init = (w, b)
+                (acc,), loss = _score(val_part, w, b, (1,))
+                curve.append({"weight_decay": wd, "val_top1": acc, "val_loss": loss,
+                              "iterations": info.iterations, "converged": info.converged})
+                bar.advance(task)
+                if best is None or (acc, -loss) > (best[1], -best[2]):
+                    best, since_best = (wd, acc, loss, init), 0
+                else:
+                    since_best += 1
+                    if patience is not None and since_best >= patience:
+                        break
+            bar.update(task, description=f"{label}: chose weight_decay {best[0]:g} (val top-1 {best[1]:.1f}%)")
         chosen, val_top1, _, init = best
         del fit_part, val_part  # free the hold-out copies (resident sets) before the refit
     w, b, info = _fit(data, c, chosen, init, tol=tol, scale=None, **opts)

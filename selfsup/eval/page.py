@@ -76,8 +76,8 @@ def summarise(path: str | Path, data: str | None = None, pictures: bool = True, 
     summary = RunSummary(run.name, run, cfg.read_text() if cfg.is_file() else (run / "export" / "config.json").read_text())
     src = harness.resolve_source(str(run))
     ev = harness.prepare(src, data=data, progress=progress)
-    probe = harness.evaluate(ev, "probe")
-    knn = harness.evaluate(ev, "knn", k=20)
+    probe = harness.evaluate(ev, "probe", progress=progress)
+    knn = harness.evaluate(ev, "knn", k=20, progress=progress)
     for name in ev.features:
         summary.rows[name] = {"linear": probe[name]["top1"], "linear5": probe[name]["top5"],
                               "knn": knn[name]["top1"], "dim": probe[name]["features"]}

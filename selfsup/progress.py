@@ -1,0 +1,48 @@
+"""Progress bars: one rich look for every bar selfsup draws, in a terminal and in a notebook.
+
+Rich animates a bar in a terminal, and in Jupyter through an ipywidgets output area. Without
+ipywidgets rich can only warn (``install "ipywidgets" for Jupyter support``) on every bar, so there a
+bar goes to a plain console instead: it prints its final line once, when it finishes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def notebook_without_widgets() -> bool:
+    """Whether this runs in a Jupyter kernel that lacks ipywidgets (where rich cannot animate a bar)."""
+    return Console().is_jupyter and importlib.util.find_spec("ipywidgets") is None
+
+
+def console_kwargs() -> dict:
+    """Settings of rich's ``Console`` for a bar: none, or in a notebook without ipywidgets a plain console."""
+    return {"force_jupyter": False, "force_terminal": False} if notebook_without_widgets() else {}
+
+
+def make_progress(*columns, enabled: bool = True, transient: bool = False, console: Console | None = None) -> Progress:
+    """A rich ``Progress`` with selfsup's columns (description, bar, done/total, time) that works in notebooks.
+
+    Args:
+        columns: rich columns; :data:`COLUMNS` when none are given.
+        enabled: False draws nothing at all.
+        transient: remove the bar when it finishes (else its final line stays).
+        console: where to draw; a new console on stdout (see :func:`console_kwargs`) when None.
+    """
+    if console is None:
+        console = Console(**console_kwargs())
+        if not (console.is_terminal or console.is_jupyter):  # a log or a pipe: 120 columns, not rich's 80
+            console = Console(**console_kwargs(), width=max(console.width, 120))
+    return Progress(*(columns or COLUMNS), console=console, disable=not enabled, transient=transient)
+
+
+def lightning_bar():
+    """Lightning's rich progress bar for training, drawn on a plain console in a notebook without ipywidgets."""
+    from pytorch_lightning.callbacks import RichProgressBar
+
+    return RichProgressBar(console_kwargs=console_kwargs() or None)
