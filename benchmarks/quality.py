@@ -6,7 +6,8 @@ harness on its cached features:
 
 - linear probe top-1 / top-5 (L2 strength chosen on held-out training labels),
 - kNN top-1: k=20 majority vote, and k=200 weighted with T=0.07 (Wu et al. 2018),
-- label efficiency: 1, 10 and 100 labels per class and 100 % of labels, linear probe, 3 seeds,
+- label efficiency: 1, 10 and 100 labels per class (linear probe, 3 seeds: mean and std) and 100 % of
+  labels (the linear probe above: one fit, std 0),
 - bits/dim on the held-out split for the likelihood models (from the run's ``val/bits_per_dim``),
 
 beside the baselines on the same subsets: a random-init encoder of the method's own architecture (the
@@ -172,9 +173,15 @@ def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: 
         if name != src.name and key in memo:
             return memo[key]
         one = dataclasses.replace(ev, features={name: pair})
-        out = {"probe": harness.evaluate(one, "probe")[name], "knn20": harness.evaluate(one, "knn", k=20)[name],
-               "knn200": harness.evaluate(one, "knn", k=200, temperature=0.07)[name],
-               "sweep": label_efficiency_sweep({name: encoders[name]}, methods=["linear"], **common)["results"][name]}
+        probe = harness.evaluate(one, "probe", progress=False)[name]
+        # The sweep's subsets; 100 % of labels is the probe itself (its seeds would only move the L2 hold-out).
+        sweep = label_efficiency_sweep({name: encoders[name]}, methods=["linear"],
+                                       **{**common, "ks": [k for k in common["ks"] if k is not None]})
+        linear = sweep["results"][name]["linear"]
+        if None in common["ks"]:
+            linear.append({"budget": "all", "top1_mean": probe["top1"], "top1_std": 0.0, "n_labels": probe["n_train"]})
+        out = {"probe": probe, "knn20": harness.evaluate(one, "knn", k=20)[name],
+               "knn200": harness.evaluate(one, "knn", k=200, temperature=0.07)[name], "sweep": {"linear": linear}}
         if name != src.name:
             memo[key] = out
             memo_file.write_text(json.dumps(memo) + "\n")
