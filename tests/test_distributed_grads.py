@@ -15,6 +15,13 @@ dimension; ``B`` the global batch) is sliced to ``[r * B / W * m, (r + 1) * B / 
 without one is replayed whole. A rank's draw whose shape, dtype or order does not match the recording,
 a recorded draw left unused, or any draw that reached torch's generator without being replayed, fails
 the test: no draw is attributed by guess.
+
+No method is skipped: in eval mode none has a term that couples the images of a batch other than
+CPC's negatives (gathered with ``gather_negatives``; ``cpc+local_negatives`` is the expected failure
+that shows the comparison sees a missing gather). The GAN losses are means of per-image terms over the
+reals and over the fakes, so for them the check is that every ``z`` is replayed, not which rank gets
+which (a swap of the ranks' ``z`` halves gives the same averaged gradient). All methods run in one
+spawn of 2 processes, to keep the cost of starting them once.
 """
 
 import pytest
@@ -28,6 +35,12 @@ from tests.conftest import fixed_batch
 pytestmark = pytest.mark.slow
 SIZE, BATCH = 16, 6  # 6: no other dimension of the methods' draws (latent sizes, 9 tiles, 2 coords) is a multiple
 DISTRIBUTED_KWARGS = {"cpc": {"gather_negatives": True}}  # what a method needs to see the global batch
+# cases beyond one per method: "<method>+<label>" -> its options
+VARIANTS = {"multitask+all_tasks": {"tasks": "rotation,relative_position,jigsaw,colorization,cpc"},
+            "cpc+local_negatives": {"gather_negatives": False}}
+# must differ: shows the comparison sees a loss that does not gather what the single process sees
+UNEQUAL = {"cpc+local_negatives": "without gather_negatives each rank's InfoNCE has only its own half batch's "
+                                  "targets as candidates, the single process has the whole batch's"}
 
 SAMPLERS = ("rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal",
             "bernoulli", "multinomial", "poisson")  # torch.<name>
@@ -98,9 +111,10 @@ class Draws:
         assert self._next == len(self.records), f"{len(self.records) - self._next} recorded draws were not replayed"
 
 
-def _model(method: str):
+def _model(case: str):
     torch.manual_seed(0)
-    kw = {"backbone": "convnet_small", **DISTRIBUTED_KWARGS.get(method, {})}
+    method = case.split("+")[0]
+    kw = {"backbone": "convnet_small", **DISTRIBUTED_KWARGS.get(method, {}), **VARIANTS.get(case, {})}
     if "image_size" in method_arguments(method):
         kw["image_size"] = SIZE
     return selfsup.METHODS[method](**kw).eval()
@@ -112,7 +126,7 @@ def _grads(model, batch) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-METHODS = sorted(selfsup.METHODS)
+METHODS = sorted(selfsup.METHODS) + sorted(VARIANTS)
 
 
 def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
@@ -158,7 +172,10 @@ def gradients(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     return {m: (ddp[m], single[m]) for m in METHODS}
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=UNEQUAL[m])) if m in UNEQUAL else m
+               for m in METHODS]
+)
 def test_two_ranks_give_the_single_process_gradient(method, gradients):
     ddp, single = gradients[method]
     assert ddp.keys() == single.keys() and single
