@@ -37,7 +37,10 @@ SIZE, BATCH = 16, 6  # 6: no other dimension of the methods' draws (latent sizes
 DISTRIBUTED_KWARGS = {"cpc": {"gather_negatives": True}}  # what a method needs to see the global batch
 # cases beyond one per method: "<method>+<label>" -> its options
 VARIANTS = {"multitask+all_tasks": {"tasks": "rotation,relative_position,jigsaw,colorization,cpc"},
-            "cpc+local_negatives": {"gather_negatives": False}}
+            "cpc+local_negatives": {"gather_negatives": False}, "flow+train": {}}
+# in training mode: flow's ActNorm initialises from the first batch (its statistics averaged over ranks) and
+# its random flips are replayed like any draw
+TRAIN_MODE = {"flow+train"}
 # must differ: shows the comparison sees a loss that does not gather what the single process sees
 UNEQUAL = {"cpc+local_negatives": "without gather_negatives each rank's InfoNCE has only its own half batch's "
                                   "targets as candidates, the single process has the whole batch's"}
@@ -117,7 +120,7 @@ def _model(case: str):
     kw = {"backbone": "convnet_small", **DISTRIBUTED_KWARGS.get(method, {}), **VARIANTS.get(case, {})}
     if "image_size" in method_arguments(method):
         kw["image_size"] = SIZE
-    return selfsup.METHODS[method](**kw).eval()
+    return selfsup.METHODS[method](**kw).train(case in TRAIN_MODE)
 
 
 def _grads(model, batch) -> dict[str, torch.Tensor]:
