@@ -4,7 +4,8 @@ Each rank computes the method's own ``loss`` on its half of a fixed global batch
 averaged over ranks as DDP does; the result must equal the single-process gradient of the loss on the
 whole batch. The model is in eval mode, so augmentation randomness and per-rank batch statistics are
 out of the picture and what is checked is the loss's own cross-rank scaling (losses that gather
-negatives from every rank must scale by the world size correctly).
+negatives from every rank must scale by the world size correctly). ``flow+train`` runs in training mode:
+ActNorm's first-batch initialisation (statistics averaged over ranks) and the flips are covered too.
 
 Some losses draw their own randomness even in eval mode (jigsaw's permutation labels, relative
 position's neighbour labels, a VAE's ``eps``, a flow's dequantisation noise, a GAN's ``z``). A half
