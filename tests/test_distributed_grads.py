@@ -19,8 +19,7 @@ the test: no draw is attributed by guess.
 
 No method is skipped: in eval mode none has a term that couples the images of a batch other than
 CPC's negatives (gathered with ``gather_negatives``; ``cpc+local_negatives`` is the expected failure
-that shows the comparison sees a missing gather; ``multitask+cpc_layer_norm`` is a real one: multitask's
-cpc task has no ``gather_negatives``). The GAN losses are means of per-image terms over the
+that shows the comparison sees a missing gather; multitask's cpc task gathers, ``multitask+cpc_layer_norm``). The GAN losses are means of per-image terms over the
 reals and over the fakes, so for them the check is that every ``z`` is replayed, not which rank gets
 which (a swap of the ranks' ``z`` halves gives the same averaged gradient). All methods run in one
 spawn of 2 processes, to keep the cost of starting them once.
@@ -46,12 +45,7 @@ VARIANTS = {"multitask+all_tasks": {"tasks": "rotation,relative_position,jigsaw,
 TRAIN_MODE = {"flow+train"}
 # must differ: shows the comparison sees a loss that does not gather what the single process sees
 UNEQUAL = {"cpc+local_negatives": "without gather_negatives each rank's InfoNCE has only its own half batch's "
-                                  "targets as candidates, the single process has the whole batch's",
-           # multitask builds every task with its defaults, and there is no option for cpc's gather_negatives:
-           # under DDP its candidates are per rank. (In multitask+all_tasks, on the default batch-norm backbone
-           # at init in eval mode, the 4 px patch vectors are near-constant, |z| ~ 0.003, so the cpc term's
-           # cross-image gradient is ~3e-7 and that case passes; layer norm makes the patch vectors differ.)
-           "multitask+cpc_layer_norm": "multitask's cpc task cannot gather negatives over ranks (no option)"}
+                                  "targets as candidates, the single process has the whole batch's"}
 
 SAMPLERS = ("rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal",
             "bernoulli", "multinomial", "poisson")  # torch.<name>

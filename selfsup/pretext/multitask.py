@@ -48,6 +48,11 @@ def parse_tasks(tasks: str, task_weights: str | None) -> tuple[tuple[str, ...], 
     return names, weights
 
 
+TASK_OPTIONS = {"cpc": {"gather_negatives": True}}
+"""Options multitask gives a task beyond its defaults: under DDP, cpc's InfoNCE takes every rank's targets as
+candidates, so a distributed step computes the single-process loss of the global batch (no-op in one process)."""
+
+
 @register_method("multitask")
 class MultiTask(SSLModule):
     """Several pretext tasks on one backbone, losses summed with weights (Doersch & Zisserman 2017).
@@ -75,7 +80,7 @@ class MultiTask(SSLModule):
         in_chans = 1 if any(TASKS[t].in_chans == 1 for t in names) else 3
         super().__init__(**(self.base_defaults | base | {"in_chans": in_chans}))
         self.task_names, self.task_weights = names, weights
-        self.tasks = nn.ModuleDict({t: TASKS[t](self.num_features, in_chans) for t in names})
+        self.tasks = nn.ModuleDict({t: TASKS[t](self.num_features, in_chans, **TASK_OPTIONS.get(t, {})) for t in names})
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
