@@ -62,6 +62,10 @@ def test_floors_are_told_apart_and_percent_budgets_explained(sweep):
     styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
     assert styles["random_init (linear)"] == "--" and styles["pixels (linear)"] == ":"
     assert styles["rotation (linear)"] == "-"
+    # one floor's linear and kNN lines share a grey and a dash: their markers must differ
+    markers = {line.get_label(): line.get_marker() for line in ax.get_lines()}
+    for floor in ("random_init", "pixels"):
+        assert markers[f"{floor} (linear)"] != markers[f"{floor} (knn)"]
     assert "percent budget" in ax.get_xlabel() and "50%" in [t.get_text() for t in ax.get_xticklabels()]
 
 

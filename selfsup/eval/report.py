@@ -133,9 +133,10 @@ def sweep_figure(result: Mapping[str, Any], metric: str = "top1"):
     """Accuracy against labelled images per class (log x) as a matplotlib Figure.
 
     One line per encoder and method, with a ±1 std band over seeds (``fill_between``); baselines
-    (names starting with "random" or "pixels") are greys, random init dashed and pixels dotted. The "all labels" point sits at the mean
-    number of labels per class and its tick reads "all"; percent budgets read "10%", subset files their
-    budget name.
+    (names starting with "random" or "pixels") are greys, random init dashed and pixels dotted, with
+    the method's marker hollow (linear o, kNN s), so a floor's linear and kNN lines are told apart.
+    The "all labels" point sits at the mean number of labels per class and its tick reads "all";
+    percent budgets read "10%", subset files their budget name.
 
     Args:
         result: a :func:`~selfsup.eval.label_efficiency.label_efficiency_sweep` result.
@@ -170,12 +171,14 @@ def sweep_figure(result: Mapping[str, Any], metric: str = "top1"):
                 continue
             x, mean, std = (np.array(v, dtype=float) for v in zip(*pts, strict=True))
             style, marker = _METHOD_STYLE.get(method, ("-", "o"))
+            # a floor's linear and kNN lines share its grey and dash: the method's marker, hollow, tells them apart
             ax.plot(
-                x, mean, linestyle=floor_style if baseline else style, marker="x" if baseline else marker, markersize=4,
-                color=color, label=f"{name} ({method})", linewidth=1.4 if baseline else 1.8,
+                x, mean, linestyle=floor_style if baseline else style, marker=marker, markersize=5 if baseline else 4,
+                markerfacecolor="none" if baseline else color, color=color, label=f"{name} ({method})",
+                linewidth=1.4 if baseline else 1.8,
             )  # fmt: skip
             ax.fill_between(
-                x, mean - std, mean + std, color=color, alpha=0.12 if baseline else 0.2, linewidth=0
+                x, mean - std, mean + std, color=color, alpha=0.06 if baseline else 0.2, linewidth=0
             )
     ticks: dict[float, list[str]] = {}
     for b in result["budgets"]:
