@@ -120,3 +120,27 @@ def test_report_page_is_well_formed_and_every_image_decodes(tmp_path):
     assert proc.returncode == 0 and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG", proc.stderr
     proc = run_cli("plot", str(tmp_path), "curves", cwd=tmp_path)
     assert proc.returncode == 2 and "is not a run directory" in proc.stderr
+
+
+def test_report_label_efficiency_draws_every_runs_own_floor_in_its_colour(tmp_path):
+    from matplotlib.colors import to_hex
+
+    from selfsup.eval.page import RunSummary, label_efficiency_figure
+
+    def sweep(floor_shift):
+        def entries(acc):
+            return [{"n_labels": n, "top1_mean": acc + n / 10, "top1_std": 1.0} for n in (10, 50, 400)]
+
+        return {"num_classes": 10, "results": {
+            "rotation (r)": {"linear": entries(30)},
+            "random init (same architecture)": {"linear": entries(20 + floor_shift)},
+            "pixels": {"linear": entries(15)},
+        }}  # fmt: skip
+
+    runs = [RunSummary("rot", tmp_path, "", sweep=sweep(0)), RunSummary("cpc", tmp_path, "", sweep=sweep(2))]
+    (ax,) = label_efficiency_figure(runs).axes
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    floors = [lines["rot: random init"], lines["cpc: random init"]]  # both runs' floors, not the first only
+    assert [f.get_linestyle() for f in floors] == ["--", "--"]
+    assert to_hex(floors[0].get_color()) != to_hex(floors[1].get_color())
+    assert [label for label in lines if "pixels" in label] == ["pixels"]  # the same pixels curve once

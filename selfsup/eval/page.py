@@ -106,14 +106,19 @@ def summarise(path: str | Path, data: str | None = None, pictures: bool = True, 
 
 
 def label_efficiency_figure(runs: list[RunSummary]):
-    """Linear-probe top-1 against labels per class for every run's sweep, floors dashed, on one plot."""
+    """Linear-probe top-1 against labels per class for every run's sweep, on one plot.
+
+    Each run is one colour: its encoder solid with error bars, its own random-init floor dashed (runs
+    of different architectures have different floors); raw pixels dotted grey, drawn once per distinct
+    curve.
+    """
     with_sweep = [r for r in runs if r.sweep]
     if not with_sweep:
         return None
     fig = viz._figure(8, 4.8)
     ax = fig.subplots()
     colours = __import__("matplotlib").colormaps["tab10"]
-    drawn_baselines: set[str] = set()
+    drawn_pixels: set[tuple] = set()
     for i, run in enumerate(with_sweep):
         res = run.sweep
         for enc, methods in res["results"].items():
@@ -122,19 +127,21 @@ def label_efficiency_figure(runs: list[RunSummary]):
                 continue
             x = [e["n_labels"] / res["num_classes"] for e in entries]
             y = [e["top1_mean"] for e in entries]
-            if is_baseline(enc):
-                if enc in drawn_baselines:
+            if enc.startswith("random"):  # each run's own floor (its architecture), dashed in the run's colour
+                ax.plot(x, y, "--", color=colours(i % 10), alpha=0.8, lw=1.2, label=f"{run.name}: random init")
+            elif is_baseline(enc):  # raw pixels: one line per distinct curve (the same data gives the same)
+                if (enc, tuple(x), tuple(y)) in drawn_pixels:
                     continue
-                drawn_baselines.add(enc)
-                style = "--" if enc.startswith("random") else ":"
-                ax.plot(x, y, style, color="0.45" if style == "--" else "0.25", label=f"{enc} ({run.name})")
+                drawn_pixels.add((enc, tuple(x), tuple(y)))
+                ax.plot(x, y, ":", color="0.25", label=enc if len(drawn_pixels) == 1 else f"{enc} ({run.name})")
             else:
                 s = [e["top1_std"] for e in entries]
                 ax.errorbar(x, y, yerr=s, marker="o", capsize=2, color=colours(i % 10), label=run.name)
     ax.set_xscale("log")
     ax.set_xlabel("labelled images per class (log scale; rightmost point: all labels)")
     ax.set_ylabel("linear probe top-1 (%)")
-    ax.set_title("label efficiency: every run, random-init floors dashed, raw pixels dotted", fontsize=10)
+    ax.set_title("label efficiency: each run solid, its random-init floor dashed in its colour, raw pixels dotted",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return fig
