@@ -144,3 +144,14 @@ def test_report_label_efficiency_draws_every_runs_own_floor_in_its_colour(tmp_pa
     assert [f.get_linestyle() for f in floors] == ["--", "--"]
     assert to_hex(floors[0].get_color()) != to_hex(floors[1].get_color())
     assert [label for label in lines if "pixels" in label] == ["pixels"]  # the same pixels curve once
+
+
+def test_report_gives_the_training_curves_a_row_of_their_own(tmp_path):
+    from selfsup.eval.page import RunSummary, render
+
+    uri = "data:image/png;base64,iVBORw0KGgo="
+    run = RunSummary("rot", tmp_path, "", images={"training curves": uri, "nearest neighbours": uri})
+    page = render([run])
+    assert '<div class="wide"><h3>training curves</h3>' in page  # three panels at half width were unreadable
+    assert "<div><h3>nearest neighbours</h3>" in page
+    assert re.search(r"\.grid>div\.wide\{flex-basis:100%\}", page)

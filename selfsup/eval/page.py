@@ -30,9 +30,11 @@ table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}tr.floor td{color:#777}
 .note{color:#555;font-size:.9em}img{max-width:100%;border:1px solid #eee;margin:.3em 0}
 pre{background:#f7f7f7;padding:.7em;overflow:auto;font-size:.85em}.grid{display:flex;flex-wrap:wrap;gap:1em}
-.grid>div{flex:1 1 480px}.good{color:#2c7a2c;font-weight:600}.bad{color:#b02a2a;font-weight:600}
+.grid>div{flex:1 1 480px}.grid>div.wide{flex-basis:100%}.good{color:#2c7a2c;font-weight:600}.bad{color:#b02a2a;font-weight:600}
 """
 
+# pictures of several panels side by side: a row of their own, else their labels shrink to ~5 px
+WIDE_IMAGES = {"training curves"}
 
 @dataclass
 class RunSummary:
@@ -198,7 +200,8 @@ def render(runs: list[RunSummary], title: str = "selfsup report") -> str:
             parts.append(f'<p class="note">{html.escape(note)}</p>')
         parts.append('<div class="grid">')
         for name, uri in r.images.items():
-            parts.append(f'<div><h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="{uri}"></div>')
+            wide = ' class="wide"' if name in WIDE_IMAGES else ""
+            parts.append(f'<div{wide}><h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="{uri}"></div>')
         parts.append("</div>")
         parts.append(f"<details><summary>config</summary><pre>{html.escape(r.config_text)}</pre></details>")
     parts += ["</body>", "</html>"]
