@@ -44,6 +44,18 @@ def test_retrieval_grid_frames_wrong_class_neighbours_red():
     # query "a" gets rows 0, 5 (wrong), 1; query "b" gets 3, 4 and one of class a (wrong)
     assert len(reds) == 2
     assert "(2/6 neighbours)" in fig._suptitle.get_text()
+    # the grid starts right under the title: no blank band (matplotlib's default top left an inch),
+    # and no label under the title either
+    rng = np.random.default_rng(0)
+    tall = viz.retrieval_grid(_Labels(np.arange(20) % 4, list("abcd")), _Labels(np.arange(8) % 4, list("abcd")),
+                              rng.normal(size=(20, 3)), rng.normal(size=(8, 3)), queries=8, k=3)
+    top_of_grid = max(ax.get_position().y1 for ax in tall.axes)
+    assert (1 - top_of_grid) * tall.get_figheight() < 1.0  # inches between the figure's top and the grid
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    title_box = fig._suptitle.get_window_extent(renderer)
+    assert title_box.y0 > max(ax.title.get_window_extent(renderer).y1 for ax in fig.axes)
 
 
 def test_embedding_map_pca_and_tsne_on_a_stratified_subset():
