@@ -141,7 +141,8 @@ def test_report_label_efficiency_draws_every_runs_own_floor_in_its_colour(tmp_pa
 
     def sweep(floor_shift):
         def entries(acc):
-            return [{"n_labels": n, "top1_mean": acc + n / 10, "top1_std": 1.0} for n in (10, 50, 400)]
+            return [{"n_labels": n, "k": k, "budget": b, "top1_mean": acc + n / 10, "top1_std": 1.0}
+                    for n, k, b in ((10, 1, "k=1"), (50, 5, "k=5"), (400, None, "all"))]
 
         return {"num_classes": 10, "results": {
             "rotation (r)": {"linear": entries(30)},
@@ -156,6 +157,7 @@ def test_report_label_efficiency_draws_every_runs_own_floor_in_its_colour(tmp_pa
     assert [f.get_linestyle() for f in floors] == ["--", "--"]
     assert to_hex(floors[0].get_color()) != to_hex(floors[1].get_color())
     assert [label for label in lines if "pixels" in label] == ["pixels"]  # the same pixels curve once
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "5", "all"]  # not 10^0, 10^1
 
 
 def test_report_gives_the_training_curves_a_row_of_their_own(tmp_path):

@@ -117,10 +117,13 @@ def label_efficiency_figure(runs: list[RunSummary]):
     with_sweep = [r for r in runs if r.sweep]
     if not with_sweep:
         return None
+    from matplotlib.ticker import NullLocator
+
     fig = viz._figure(8, 4.8)
     ax = fig.subplots()
     colours = __import__("matplotlib").colormaps["tab10"]
     drawn_pixels: set[tuple] = set()
+    ticks: dict[float, str] = {}
     for i, run in enumerate(with_sweep):
         res = run.sweep
         for enc, methods in res["results"].items():
@@ -129,6 +132,8 @@ def label_efficiency_figure(runs: list[RunSummary]):
                 continue
             x = [e["n_labels"] / res["num_classes"] for e in entries]
             y = [e["top1_mean"] for e in entries]
+            for xi, e in zip(x, entries, strict=True):  # ticks read 1, 2, 5, ..., all as in sweep.png
+                ticks.setdefault(round(xi, 6), str(e["k"]) if e.get("k") is not None else str(e.get("budget", "")))
             if enc.startswith("random"):  # each run's own floor (its architecture), dashed in the run's colour
                 ax.plot(x, y, "--", color=colours(i % 10), alpha=0.8, lw=1.2, label=f"{run.name}: random init")
             elif is_baseline(enc):  # raw pixels: one line per distinct curve (the same data gives the same)
@@ -140,7 +145,9 @@ def label_efficiency_figure(runs: list[RunSummary]):
                 s = [e["top1_std"] for e in entries]
                 ax.errorbar(x, y, yerr=s, marker="o", capsize=2, color=colours(i % 10), label=run.name)
     ax.set_xscale("log")
-    ax.set_xlabel("labelled images per class (log scale; rightmost point: all labels)")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(list(ticks), list(ticks.values()))
+    ax.set_xlabel("labelled images per class (log scale)")
     ax.set_ylabel("linear probe top-1 (%)")
     ax.set_title("label efficiency: each run solid, its random-init floor dashed in its colour, raw pixels dotted",
                  fontsize=10)
