@@ -351,6 +351,6 @@ def test_an_early_stopped_l2_search_says_so_and_fills_its_bar(capsys):
     res = linear_probe(xtr, ytr, xte, yte, weight_decays=grid, patience=1, progress=True)
     out = capsys.readouterr().out
     n = len(res["val_curve"])
-    assert n < len(grid)  # these blobs stop the search early (deterministic: seeded data, one thread)
+    assert n < len(grid)  # these blobs stop the search early (seeded data)
     assert f"stopped after {n} of {len(grid)}: no better" in out
     assert f"{n}/{n}" in out and f"/{len(grid)}" not in out  # a full bar, not one cut off at n/8
