@@ -352,5 +352,5 @@ def test_an_early_stopped_l2_search_says_so_and_fills_its_bar(capsys):
     out = capsys.readouterr().out
     n = len(res["val_curve"])
     assert n < len(grid)  # these blobs stop the search early (seeded data)
-    assert f"stopped after {n} of {len(grid)}: no better" in out
+    assert f", stopped at {n} of {len(grid)})" in out
     assert f"{n}/{n}" in out and f"/{len(grid)}" not in out  # a full bar, not one cut off at n/8
