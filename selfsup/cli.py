@@ -352,6 +352,18 @@ def _gather_dicts(local: dict) -> dict:
     return merged
 
 
+def skipped_ks_note(ks, labels) -> str | None:
+    """The line saying which ``--ks`` the sweep left out (more than the largest class: "all"), or None."""
+    import numpy as np
+
+    largest = int(np.unique(np.asarray(labels), return_counts=True)[1].max())
+    over = [k for k in ks if k is not None and k > largest]
+    if not over:
+        return None
+    return (f"note: --ks {','.join(map(str, over))} left out: no class has more than {largest} training images, "
+            "so those budgets are the same subset as 'all'")
+
+
 def _run_eval(args: argparse.Namespace) -> None:
     import time
 
@@ -385,6 +397,9 @@ def _run_eval(args: argparse.Namespace) -> None:
                               shard=shard, gather=None if fabric is None else _gather_dicts, started=started)
         if paths is not None:
             print(f"results: {paths[0]}  plot: {paths[1]}")
+            note = skipped_ks_note(args.ks, ev.train.labels)
+            if note:
+                print(note)
         return
     if fabric is None and not is_launcher_rank_zero():  # extraction was distributed; kNN runs once, on rank 0
         return

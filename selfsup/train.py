@@ -165,6 +165,24 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
         return _fit(cfg, run_dir, dm, model, resume, callbacks or [], launcher_zero)
 
 
+def log_interval(requested: int, n_train: int, global_batch: int, accumulate: int = 1) -> int:
+    """The logging interval in optimiser steps: ``requested``, but at most one epoch's steps.
+
+    Args:
+        requested: the configured ``log_every_n_steps`` (0 turns logging off and stays 0).
+        n_train: training images.
+        global_batch: images per step over all ranks (per-device batch x world size).
+        accumulate: batches accumulated per optimiser step.
+
+    Returns:
+        ``min(requested, steps per epoch)``, at least 1 unless ``requested`` is 0.
+    """
+    if requested <= 0:
+        return requested
+    steps = max(1, n_train // global_batch) // max(1, accumulate)
+    return max(1, min(requested, steps))
+
+
 def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resume: bool, callbacks: list,
          launcher_zero: bool) -> RunResult:
     ckpt_dir = run_dir / "checkpoints"
@@ -218,6 +236,12 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
             )
     except (MisconfigurationException, ValueError, TypeError) as err:
         raise ConfigError(f"trainer settings: {str(err).strip().splitlines()[0]}") from None
+    # A small folder (6 batches an epoch) under the default interval (10) would log train/loss once:
+    # log at least once an epoch, so the training curves of a tiny first run are curves, not dots.
+    trainer.log_every_n_steps = log_interval(
+        trainer.log_every_n_steps, len(dm.train_set), dm.batch_size * trainer.world_size,
+        trainer.accumulate_grad_batches,
+    )
     if launcher_zero:
         if not resume:
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))

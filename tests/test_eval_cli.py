@@ -56,11 +56,13 @@ def test_features_command_reuses_the_cache(run_dir):
 
 
 def test_sweep_writes_json_png_and_supervised_and_finetune_lines(run_dir):
-    r = run_cli("sweep", str(run_dir), "--ks", "1,5,all", "--seeds", "2", "--supervised", "--finetune",
+    r = run_cli("sweep", str(run_dir), "--ks", "1,5,500,all", "--seeds", "2", "--supervised", "--finetune",
                 "--finetune-steps", "3", cwd=run_dir.parent)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((run_dir / "eval" / "sweep.json").read_text())
     assert [b["name"] for b in res["budgets"]] == ["k=1", "k=5", "all"]
+    # k=500 is more than any digit class has: left out, and the user is told (it vanished silently)
+    assert "note: --ks 500 left out: no class has more than" in r.stdout
     prov = res["provenance"]
     assert prov["settings"]["seeds"] == [0, 1] and prov["data"]["fingerprint"] and prov["encoder"]["hash"]
     assert res["features"]["pixels"]["feature_dtype"] == "float32"

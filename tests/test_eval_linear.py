@@ -343,3 +343,14 @@ def test_l2_search_shows_each_strength_and_is_silent_without_progress(monkeypatc
     n_fit = shown["n_train"] - shown["n_val"]
     assert seen[:3] == [f"probe L2 search: weight_decay {wd:g} (C={1 / (wd * n_fit):.3g})"
                         for wd in [1e-1, 1e-2, 1e-3]]  # strongest first, with the equivalent C
+
+
+def test_an_early_stopped_l2_search_says_so_and_fills_its_bar(capsys):
+    xtr, ytr, xte, yte = blobs(120, 60, 6, 3, sep=1.0)
+    grid = [10.0 ** -e for e in range(8)]
+    res = linear_probe(xtr, ytr, xte, yte, weight_decays=grid, patience=1, progress=True)
+    out = capsys.readouterr().out
+    n = len(res["val_curve"])
+    assert n < len(grid)  # these blobs stop the search early (seeded data)
+    assert f", stopped at {n} of {len(grid)})" in out
+    assert f"{n}/{n}" in out and f"/{len(grid)}" not in out  # a full bar, not one cut off at n/8

@@ -62,6 +62,10 @@ def test_floors_are_told_apart_and_percent_budgets_explained(sweep):
     styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
     assert styles["random_init (linear)"] == "--" and styles["pixels (linear)"] == ":"
     assert styles["rotation (linear)"] == "-"
+    # one floor's linear and kNN lines share a grey and a dash: their markers must differ
+    markers = {line.get_label(): line.get_marker() for line in ax.get_lines()}
+    for floor in ("random_init", "pixels"):
+        assert markers[f"{floor} (linear)"] != markers[f"{floor} (knn)"]
     assert "percent budget" in ax.get_xlabel() and "50%" in [t.get_text() for t in ax.get_xticklabels()]
 
 
@@ -73,3 +77,16 @@ def test_sweep_table_fits_an_80_column_terminal(sweep):
     assert "…" not in text
     for word in ("k=1", "k=2", "k=5", "50%", "all", "random_init", "knn"):
         assert word in text
+
+
+def test_a_folder_sweep_is_titled_by_its_folder_name(sweep):
+    from selfsup.eval.report import dataset_label, sweep_figure
+
+    assert dataset_label(sweep) == "toy"
+    folder = dict(sweep, dataset="folder", provenance={"data": {"spec": "/home/me/photos/", "name": "folder"}})
+    assert dataset_label(folder) == "folder 'photos'"  # not "folder", the subsets' key
+    (ax,) = sweep_figure(folder).axes
+    assert ax.get_title().startswith("Label efficiency on folder 'photos' (")
+    console = Console(record=True, width=200)
+    print_sweep_table(folder, console=console)
+    assert "Label efficiency on folder 'photos'" in console.export_text()

@@ -44,6 +44,18 @@ def test_retrieval_grid_frames_wrong_class_neighbours_red():
     # query "a" gets rows 0, 5 (wrong), 1; query "b" gets 3, 4 and one of class a (wrong)
     assert len(reds) == 2
     assert "(2/6 neighbours)" in fig._suptitle.get_text()
+    # the grid starts right under the title: no blank band (matplotlib's default top left an inch),
+    # and no label under the title either
+    rng = np.random.default_rng(0)
+    tall = viz.retrieval_grid(_Labels(np.arange(20) % 4, list("abcd")), _Labels(np.arange(8) % 4, list("abcd")),
+                              rng.normal(size=(20, 3)), rng.normal(size=(8, 3)), queries=8, k=3)
+    top_of_grid = max(ax.get_position().y1 for ax in tall.axes)
+    assert (1 - top_of_grid) * tall.get_figheight() < 1.0  # inches between the figure's top and the grid
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    title_box = fig._suptitle.get_window_extent(renderer)
+    assert title_box.y0 > max(ax.title.get_window_extent(renderer).y1 for ax in fig.axes)
 
 
 def test_embedding_map_pca_and_tsne_on_a_stratified_subset():
@@ -120,3 +132,40 @@ def test_report_page_is_well_formed_and_every_image_decodes(tmp_path):
     assert proc.returncode == 0 and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG", proc.stderr
     proc = run_cli("plot", str(tmp_path), "curves", cwd=tmp_path)
     assert proc.returncode == 2 and "is not a run directory" in proc.stderr
+
+
+def test_report_label_efficiency_draws_every_runs_own_floor_in_its_colour(tmp_path):
+    from matplotlib.colors import to_hex
+
+    from selfsup.eval.page import RunSummary, label_efficiency_figure
+
+    def sweep(floor_shift):
+        def entries(acc):
+            return [{"n_labels": n, "k": k, "budget": b, "top1_mean": acc + n / 10, "top1_std": 1.0}
+                    for n, k, b in ((10, 1, "k=1"), (50, 5, "k=5"), (400, None, "all"))]
+
+        return {"num_classes": 10, "results": {
+            "rotation (r)": {"linear": entries(30)},
+            "random init (same architecture)": {"linear": entries(20 + floor_shift)},
+            "pixels": {"linear": entries(15)},
+        }}  # fmt: skip
+
+    runs = [RunSummary("rot", tmp_path, "", sweep=sweep(0)), RunSummary("cpc", tmp_path, "", sweep=sweep(2))]
+    (ax,) = label_efficiency_figure(runs).axes
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    floors = [lines["rot: random init"], lines["cpc: random init"]]  # both runs' floors, not the first only
+    assert [f.get_linestyle() for f in floors] == ["--", "--"]
+    assert to_hex(floors[0].get_color()) != to_hex(floors[1].get_color())
+    assert [label for label in lines if "pixels" in label] == ["pixels"]  # the same pixels curve once
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "5", "all"]  # not 10^0, 10^1
+
+
+def test_report_gives_the_training_curves_a_row_of_their_own(tmp_path):
+    from selfsup.eval.page import RunSummary, render
+
+    uri = "data:image/png;base64,iVBORw0KGgo="
+    run = RunSummary("rot", tmp_path, "", images={"training curves": uri, "nearest neighbours": uri})
+    page = render([run])
+    assert '<div class="wide"><h3>training curves</h3>' in page  # three panels at half width were unreadable
+    assert "<div><h3>nearest neighbours</h3>" in page
+    assert re.search(r"\.grid>div\.wide\{flex-basis:100%\}", page)

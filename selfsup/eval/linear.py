@@ -893,7 +893,10 @@ def linear_probe(
                     since_best += 1
                     if patience is not None and since_best >= patience:
                         break
-            bar.update(task, description=f"{label}: chose weight_decay {best[0]:g} (val top-1 {best[1]:.1f}%)")
+            stopped = f", stopped at {len(curve)} of {len(grid)}" if len(curve) < len(grid) else ""
+            # an early stop fills the bar (it stayed at 4/7, as if cut off)
+            bar.update(task, total=len(curve), completed=len(curve),
+                       description=f"{label}: chose weight_decay {best[0]:g} (val top-1 {best[1]:.1f}%{stopped})")
         chosen, val_top1, _, init = best
         del fit_part, val_part  # free the hold-out copies (resident sets) before the refit
     w, b, info = _fit(data, c, chosen, init, tol=tol, scale=None, **opts)

@@ -30,9 +30,11 @@ table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}tr.floor td{color:#777}
 .note{color:#555;font-size:.9em}img{max-width:100%;border:1px solid #eee;margin:.3em 0}
 pre{background:#f7f7f7;padding:.7em;overflow:auto;font-size:.85em}.grid{display:flex;flex-wrap:wrap;gap:1em}
-.grid>div{flex:1 1 480px}.good{color:#2c7a2c;font-weight:600}.bad{color:#b02a2a;font-weight:600}
+.grid>div{flex:1 1 480px}.grid>div.wide{flex-basis:100%}.good{color:#2c7a2c;font-weight:600}.bad{color:#b02a2a;font-weight:600}
 """
 
+# pictures of several panels side by side: a row of their own, else their labels shrink to ~5 px
+WIDE_IMAGES = {"training curves"}
 
 @dataclass
 class RunSummary:
@@ -106,14 +108,22 @@ def summarise(path: str | Path, data: str | None = None, pictures: bool = True, 
 
 
 def label_efficiency_figure(runs: list[RunSummary]):
-    """Linear-probe top-1 against labels per class for every run's sweep, floors dashed, on one plot."""
+    """Linear-probe top-1 against labels per class for every run's sweep, on one plot.
+
+    Each run is one colour: its encoder solid with error bars, its own random-init floor dashed (runs
+    of different architectures have different floors); raw pixels dotted grey, drawn once per distinct
+    curve.
+    """
     with_sweep = [r for r in runs if r.sweep]
     if not with_sweep:
         return None
+    from matplotlib.ticker import NullLocator
+
     fig = viz._figure(8, 4.8)
     ax = fig.subplots()
     colours = __import__("matplotlib").colormaps["tab10"]
-    drawn_baselines: set[str] = set()
+    drawn_pixels: set[tuple] = set()
+    ticks: dict[float, str] = {}
     for i, run in enumerate(with_sweep):
         res = run.sweep
         for enc, methods in res["results"].items():
@@ -122,19 +132,25 @@ def label_efficiency_figure(runs: list[RunSummary]):
                 continue
             x = [e["n_labels"] / res["num_classes"] for e in entries]
             y = [e["top1_mean"] for e in entries]
-            if is_baseline(enc):
-                if enc in drawn_baselines:
+            for xi, e in zip(x, entries, strict=True):  # ticks read 1, 2, 5, ..., all as in sweep.png
+                ticks.setdefault(round(xi, 6), str(e["k"]) if e.get("k") is not None else str(e.get("budget", "")))
+            if enc.startswith("random"):  # each run's own floor (its architecture), dashed in the run's colour
+                ax.plot(x, y, "--", color=colours(i % 10), alpha=0.8, lw=1.2, label=f"{run.name}: random init")
+            elif is_baseline(enc):  # raw pixels: one line per distinct curve (the same data gives the same)
+                if (enc, tuple(x), tuple(y)) in drawn_pixels:
                     continue
-                drawn_baselines.add(enc)
-                style = "--" if enc.startswith("random") else ":"
-                ax.plot(x, y, style, color="0.45" if style == "--" else "0.25", label=f"{enc} ({run.name})")
+                drawn_pixels.add((enc, tuple(x), tuple(y)))
+                ax.plot(x, y, ":", color="0.25", label=enc if len(drawn_pixels) == 1 else f"{enc} ({run.name})")
             else:
                 s = [e["top1_std"] for e in entries]
                 ax.errorbar(x, y, yerr=s, marker="o", capsize=2, color=colours(i % 10), label=run.name)
     ax.set_xscale("log")
-    ax.set_xlabel("labelled images per class (log scale; rightmost point: all labels)")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticks(list(ticks), list(ticks.values()))
+    ax.set_xlabel("labelled images per class (log scale)")
     ax.set_ylabel("linear probe top-1 (%)")
-    ax.set_title("label efficiency: every run, random-init floors dashed, raw pixels dotted", fontsize=10)
+    ax.set_title("label efficiency: each run solid, its random-init floor dashed in its colour, raw pixels dotted",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return fig
@@ -191,7 +207,8 @@ def render(runs: list[RunSummary], title: str = "selfsup report") -> str:
             parts.append(f'<p class="note">{html.escape(note)}</p>')
         parts.append('<div class="grid">')
         for name, uri in r.images.items():
-            parts.append(f'<div><h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="{uri}"></div>')
+            wide = ' class="wide"' if name in WIDE_IMAGES else ""
+            parts.append(f'<div{wide}><h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="{uri}"></div>')
         parts.append("</div>")
         parts.append(f"<details><summary>config</summary><pre>{html.escape(r.config_text)}</pre></details>")
     parts += ["</body>", "</html>"]

@@ -49,6 +49,19 @@ def _check(result: Mapping[str, Any], metric: str) -> None:
         raise ConfigError(f"not a label-efficiency result: missing {missing}")
 
 
+def dataset_label(result: Mapping[str, Any]) -> str | None:
+    """What a sweep's title calls its data: the dataset's name, or for an image folder its folder name.
+
+    ``result["dataset"]`` is the location-free key that seeds the subsets ("folder" for every image
+    folder), so a folder is named from the provenance's data spec: ``folder 'photos'``.
+    """
+    name = result.get("dataset")
+    spec = ((result.get("provenance") or {}).get("data") or {}).get("spec")
+    if name == "folder" and spec:
+        return f"folder {Path(str(spec).rstrip('/')).name!r}"
+    return name
+
+
 def print_sweep_table(
     result: Mapping[str, Any], console: Console | None = None, metric: str = "top1"
 ) -> list[Table]:
@@ -70,7 +83,8 @@ def print_sweep_table(
     console = console or make_console()
     budgets = result["budgets"]
     seeds = result.get("seeds", [])
-    title = f"Label efficiency{' on ' + result['dataset'] if result.get('dataset') else ''}: {metric} (%)"
+    dataset = dataset_label(result)
+    title = f"Label efficiency{' on ' + dataset if dataset else ''}: {metric} (%)"
     best: dict[tuple[str, str], float] = {}
     for methods in result["results"].values():
         for method, entries in methods.items():
@@ -133,9 +147,10 @@ def sweep_figure(result: Mapping[str, Any], metric: str = "top1"):
     """Accuracy against labelled images per class (log x) as a matplotlib Figure.
 
     One line per encoder and method, with a ±1 std band over seeds (``fill_between``); baselines
-    (names starting with "random" or "pixels") are greys, random init dashed and pixels dotted. The "all labels" point sits at the mean
-    number of labels per class and its tick reads "all"; percent budgets read "10%", subset files their
-    budget name.
+    (names starting with "random" or "pixels") are greys, random init dashed and pixels dotted, with
+    the method's marker hollow (linear o, kNN s), so a floor's linear and kNN lines are told apart.
+    The "all labels" point sits at the mean number of labels per class and its tick reads "all";
+    percent budgets read "10%", subset files their budget name.
 
     Args:
         result: a :func:`~selfsup.eval.label_efficiency.label_efficiency_sweep` result.
@@ -170,12 +185,14 @@ def sweep_figure(result: Mapping[str, Any], metric: str = "top1"):
                 continue
             x, mean, std = (np.array(v, dtype=float) for v in zip(*pts, strict=True))
             style, marker = _METHOD_STYLE.get(method, ("-", "o"))
+            # a floor's linear and kNN lines share its grey and dash: the method's marker, hollow, tells them apart
             ax.plot(
-                x, mean, linestyle=floor_style if baseline else style, marker="x" if baseline else marker, markersize=4,
-                color=color, label=f"{name} ({method})", linewidth=1.4 if baseline else 1.8,
+                x, mean, linestyle=floor_style if baseline else style, marker=marker, markersize=5 if baseline else 4,
+                markerfacecolor="none" if baseline else color, color=color, label=f"{name} ({method})",
+                linewidth=1.4 if baseline else 1.8,
             )  # fmt: skip
             ax.fill_between(
-                x, mean - std, mean + std, color=color, alpha=0.12 if baseline else 0.2, linewidth=0
+                x, mean - std, mean + std, color=color, alpha=0.06 if baseline else 0.2, linewidth=0
             )
     ticks: dict[float, list[str]] = {}
     for b in result["budgets"]:
@@ -194,7 +211,7 @@ def sweep_figure(result: Mapping[str, Any], metric: str = "top1"):
     ax.set_xlabel("labelled images per class (log scale)" + (
         "; a percent budget sits at its mean count per class" if has_percent else ""))
     ax.set_ylabel(f"{'top-1' if metric == 'top1' else 'top-5'} accuracy (%)")
-    dataset = result.get("dataset") or "features"
+    dataset = dataset_label(result) or "features"
     n_seeds = len(result.get("seeds", [])) or 1
     ax.set_title(
         f"Label efficiency on {dataset} (mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''})"

@@ -91,20 +91,23 @@ def retrieval_grid(
     nn_idx = nearest_neighbours(train_x, np.asarray(test_x)[chosen], k)
     classes = list(getattr(test_set, "classes", []))
     train_labels = np.asarray(train_set.labels)
-    fig = _figure(1.15 * (k + 1), 1.25 * len(chosen) + 0.6)
-    axes = fig.subplots(len(chosen), k + 1, squeeze=False)
+    height = 1.3 * len(chosen) + 0.6
+    fig = _figure(1.15 * (k + 1), height)
+    # the grid starts just under the two-line title (matplotlib's default top=0.88 left a blank inch)
+    axes = fig.subplots(len(chosen), k + 1, squeeze=False, gridspec_kw={
+        "top": 1 - 0.85 / height, "bottom": 0.1 / height, "left": 0.01, "right": 0.99, "hspace": 0.3})
     wrong = 0
     for r, qi in enumerate(chosen):
         row = axes[r]
         qlabel = int(labels[qi])
         row[0].imshow(_image(test_set, int(qi)))
-        row[0].set_title(f"query: {classes[qlabel] if classes else qlabel}", fontsize=7)
+        row[0].set_title(f"query: {classes[qlabel] if classes else qlabel}", fontsize=8, fontweight="bold")
         for c, ti in enumerate(nn_idx[r], start=1):
             tl = int(train_labels[ti])
             ok = tl == qlabel
             wrong += not ok
             row[c].imshow(_image(train_set, int(ti)))
-            row[c].set_title(classes[tl] if classes else str(tl), fontsize=6, color="black" if ok else WRONG)
+            row[c].set_title(classes[tl] if classes else str(tl), fontsize=8, color="black" if ok else WRONG)
             for spine in row[c].spines.values():
                 spine.set_edgecolor(RIGHT if ok else WRONG)
                 spine.set_linewidth(2.5)
@@ -113,7 +116,8 @@ def retrieval_grid(
             ax.set_yticks([])
     total = len(chosen) * k
     fig.suptitle((title + "\n" if title else "") + f"{k} nearest training images (cosine); "
-                 f"red = another class ({wrong}/{total} neighbours)", fontsize=9)
+                 f"red = another class ({wrong}/{total} neighbours)", fontsize=9,
+                 y=1 - 0.08 / fig.get_figheight(), va="top")
     return fig
 
 
