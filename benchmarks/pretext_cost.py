@@ -4,8 +4,10 @@ For a batch of ``B`` square images, times (median over repeats, after warm-up) o
 of every registered pretext task on a shared backbone (the task makes its inputs, runs the backbone
 and its head, backward, optimiser step) and of ``multitask`` over all of them, against the plain
 backbone forward + backward + step on the same ``B`` images. Also counts the pixels each task sends
-through the backbone per image (rotation: 4 whole images; relative position: 2 tiles; jigsaw: 9 tiles),
-which is what a convolutional backbone's FLOPs scale with.
+through the backbone per image, counted at its first convolution (rotation: 4 whole images; relative
+position: 2 tiles, jigsaw: 9 tiles, each upsampled to at least 16 px; CPC: its 7x7 grid of patches),
+which is what a convolutional backbone's FLOPs scale with. The steps are timed interleaved (one of each
+per round) and each ratio is the median of the per-round ratios.
 
     python benchmarks/pretext_cost.py --preset cpu   # convnet_small, 32 px, batch 64, 1 thread
 
@@ -59,30 +61,31 @@ class _Method(torch.nn.Module):
         return self.model[0].loss((x, None))
 
 
-def _time_step(model: MultiTask, task: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    opt = model.build_optimizer(list(model.parameters()) + list(task.parameters()))
-    times = []
-    for i in range(repeats + 2):  # two warm-up steps
-        if x.is_cuda:
+class _Step:
+    """One task's optimisation step on a fixed batch, and the pixels it sends through the backbone per image."""
+
+    def __init__(self, model: MultiTask, task: torch.nn.Module, x: torch.Tensor) -> None:
+        self.model, self.task, self.x = model, task, x
+        self.opt = model.build_optimizer(list(model.parameters()) + list(task.parameters()))
+        seen = []
+        # the backbone's first convolution: every way into the backbone (forward, forward_features) passes it
+        first = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        hook = first.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+        self()
+        hook.remove()
+        self.pixels = sum(s[0] * s[-1] * s[-2] for s in seen) // x.shape[0]  # (N, C, H, W) inputs per image
+
+    def __call__(self) -> float:
+        if self.x.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = task(x, model.backbone, model.normalize)["loss"]
-        opt.zero_grad(set_to_none=True)
+        loss = self.task(self.x, self.model.backbone, self.model.normalize)["loss"]
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if x.is_cuda:
+        self.opt.step()
+        if self.x.is_cuda:
             torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _backbone_pixels(name: str, size: int) -> int:
-    from selfsup.pretext.patches import TileGrid
-
-    tile = TileGrid.for_image(size).patch ** 2
-    return {"backbone": size**2, "rotation": 4 * size**2, "relative_position": 2 * tile, "jigsaw": 9 * tile,
-            "colorization": size**2}.get(name, 0)
+        return time.perf_counter() - start
 
 
 def main() -> int:
@@ -100,19 +103,26 @@ def main() -> int:
     torch.manual_seed(0)
     x = torch.rand(p["batch"], 3, p["image_size"], p["image_size"], device=device)
     names = sorted(TASKS)
-    rows = []
+    steps = {}
     for name in ["backbone", *names, "multitask"]:
-        tasks = ",".join(names) if name in ("backbone", "multitask") else name
+        tasks = ",".join(names) if name == "multitask" else ("rotation" if name == "backbone" else name)
         model = MultiTask(backbone=p["backbone"], tasks=tasks).to(device).train()
-        if name == "backbone":
+        if name == "backbone":  # an RGB backbone, as every task but colorization (and multitask with it) has
             task = _Backbone(model).to(device)
         else:
             task = _Method(model) if name == "multitask" else model.tasks[name]
-        seconds = _time_step(model, task, x, p["repeats"])
-        rows.append({"task": name, "seconds": seconds, "backbone_pixels_per_image": _backbone_pixels(name, p["image_size"])})
-    base = rows[0]["seconds"]
-    for r in rows:
-        r["relative"] = r["seconds"] / base
+        steps[name] = _Step(model, task, x)  # the first (warm-up) step counts the backbone's pixels
+        steps[name]()  # a second warm-up step
+    # interleaved: every round times one step of each, so a change of the machine's load hits all alike
+    times = {name: [] for name in steps}
+    for _ in range(p["repeats"]):
+        for name, step in steps.items():
+            times[name].append(step())
+    rows = []
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, times["backbone"], strict=True)]
+        rows.append({"task": name, "seconds": statistics.median(ts), "relative": statistics.median(ratios),
+                     "backbone_pixels_per_image": steps[name].pixels})
 
     from rich.console import Console
     from rich.table import Table
