@@ -1,4 +1,4 @@
-"""A small dataset still gets training curves: the logging interval is at most one epoch's steps."""
+"""A small dataset still gets training curves (logging at most one epoch apart) and a short run still validates."""
 
 import csv
 
@@ -23,3 +23,22 @@ def test_tiny_run_logs_train_loss_every_epoch(tmp_path):
     with (run / "metrics.csv").open(newline="") as f:
         losses = [r for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(losses) >= 3, losses
+
+
+def test_final_validation_batch_only_when_steps_end_inside_the_first_epoch():
+    from selfsup.train import final_validation_batch
+
+    assert final_validation_batch(3, n_train=1437, global_batch=64) == 3  # 22 batches an epoch
+    assert final_validation_batch(3, n_train=1437, global_batch=64, accumulate=2) == 6  # counted in batches
+    assert final_validation_batch(22, n_train=1437, global_batch=64) is None  # the epoch's end validates
+    assert final_validation_batch(-1, n_train=1437, global_batch=64) is None  # no step limit
+
+
+def test_a_run_shorter_than_an_epoch_still_reports_held_out_bits_per_dim(tmp_path):
+    # 2 steps of 22 an epoch: without a final validation the VAE would end with no val/bits_per_dim
+    cfg = {"method": "vae", "output": str(tmp_path), "name": "short", "online_probe": False,
+           "model": {"backbone": "convnet_small"}, "data": {"image_size": 8, "batch_size": 64},
+           "trainer": {"max_epochs": 1, "max_steps": 2}}
+    result = pretrain(cfg)
+    assert result.metrics["val/bits_per_dim"] > 0
+    assert "val/bits_per_dim" in (result.run_dir / "metrics.json").read_text()
