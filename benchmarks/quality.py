@@ -57,7 +57,10 @@ PRESETS: dict[str, dict] = {
             # CPC's paper-width context network costs 8x this tiny backbone: narrower here (stated in the table)
             # and the GANs' width-64 generator costs ~5x the backbone per image: width 32
             "model": {"cpc": {"context_hidden": 64, "context_blocks": 2}, "dcgan": {"g_width": 32},
-                      "bigan": {"g_width": 32, "d_width": 32}}},
+                      "bigan": {"g_width": 32, "d_width": 32}},
+            # relative position's step is the cheapest (two 16 px tiles: 0.35x the backbone's step): at 25k
+            # images (91 s) it stays below its floor, at 100k (still less compute than rotation's 25k) above
+            "method_images": {"relative_position": 100_000}},
     # one GPU: the CIFAR ResNet-18 at 32 px, bf16 autocast, channels-last, the papers' long schedules
     # (capped at an hour a method); CPC predicts in all four directions as the paper does.
     "gpu": {"backbone": "cifar_resnet18", "data": None, "image_size": None, "max_steps": -1, "epochs": 200,
@@ -83,6 +86,11 @@ def find_data(path: str | None) -> Path | None:
     return dest / "cifar10"
 
 
+def method_images(method: str, preset: dict) -> int | None:
+    """The pretraining budget of ``method`` in training images under ``preset`` (None: epochs or minutes)."""
+    return preset.get("method_images", {}).get(method, preset.get("images"))
+
+
 def method_config(method: str, preset: dict, data: str, work: Path, overrides: dict | None = None,
                   name: str | None = None) -> dict:
     """The ``selfsup.train.pretrain`` config of one method under a preset (``overrides``: a variant's options)."""
@@ -95,8 +103,12 @@ def method_config(method: str, preset: dict, data: str, work: Path, overrides: d
         batch = CPU_BATCH.get(method, batch)
     trainer = {"max_epochs": preset["epochs"], "max_steps": preset["max_steps"], "precision": preset["precision"],
                "check_val_every_n_epoch": 1, "log_every_n_steps": 10}
-    if preset.get("images"):
-        trainer["max_steps"] = -(-preset["images"] // batch)  # ceil: every method sees the same images
+    images = method_images(method, preset)
+    if images:
+        # ceil: every method sees the same images; max_steps counts optimiser steps (a GAN takes two a batch);
+        # the image budget alone ends the run, however many epochs it spans
+        trainer["max_steps"] = -(-images // batch) * METHODS[method].optimizer_steps_per_batch
+        trainer["max_epochs"] = -1
     if preset["minutes"]:
         total = int(preset["minutes"] * 60)
         trainer["max_time"] = f"00:{total // 3600:02d}:{total // 60 % 60:02d}:{total % 60:02d}"
@@ -242,7 +254,7 @@ def markdown(results: list[dict], supervised: dict, title: str) -> str:
     """The results table: one row per method, its floor and pixels beside it, supervised last."""
     budgets = list(next(iter(results))["rows"]["method"]["label_efficiency"]) if results else []
     head = ["method", "linear top-1", "top-5", "kNN k=20", "kNN k=200 T=0.07", *[f"linear {b}" for b in budgets],
-            "bits/dim", "floor linear", "floor kNN k=20", "steps", "minutes"]
+            "bits/dim", "floor linear", "floor kNN k=20", "images", "minutes"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def le(row: dict, b: str) -> str:
@@ -257,7 +269,8 @@ def markdown(results: list[dict], supervised: dict, title: str) -> str:
         lines.append("| " + " | ".join([
             r["method"], f"{m['linear_top1']:.1f}{beat}", f"{m['linear_top5']:.1f}", f"{m['knn20_top1']:.1f}",
             f"{m['knn200_t007_top1']:.1f}", *[le(m, b) for b in budgets], bpd, f"{f['linear_top1']:.1f}",
-            f"{f['knn20_top1']:.1f}", str(r["pretrain_steps"] or "-"), minutes]) + " |")
+            f"{f['knn20_top1']:.1f}", f"{r['pretrain_images']:,}" if r.get("pretrain_images") else "-",
+            minutes]) + " |")
     if results:
         p = results[0]["rows"]["pixels"]
         lines.append("| " + " | ".join(["raw pixels (16 px)", f"{p['linear_top1']:.1f}", f"{p['linear_top5']:.1f}",
@@ -344,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         preset["epochs"] = args.epochs
     if args.images is not None:
         preset["images"] = args.images
+        preset["method_images"] = {}  # one budget for every method
     methods = args.methods.split(",") if args.methods else sorted(METHODS)
     try:
         variants = [parse_variant(v) for v in args.variant]
@@ -383,16 +397,22 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = pretrain_once(cfg, work)
         print(f"{label}: evaluating ...", flush=True)
         res = evaluate_method(label, run_dir, preset, supervised)
+        if res["pretrain_steps"]:  # optimiser steps -> batches -> images
+            batches = res["pretrain_steps"] // METHODS[method].optimizer_steps_per_batch
+            res["pretrain_images"] = batches * cfg["data"]["batch_size"]
         done.write_text(json.dumps(res, indent=2) + "\n")
         sup_file.write_text(json.dumps({"|".join(k): v for k, v in supervised.items()}, indent=2) + "\n")
         results.append(res)
 
     sup_by_arch = {arch: entries for (arch, _), entries in supervised.items()}
     if preset.get("images"):
-        budget = f"{preset['images']:,} training images" + (f" or {preset['minutes']} min" if preset["minutes"] else "")
+        own = [f"{m} {n:,}" for m, n in preset.get("method_images", {}).items() if m in methods]
+        budget = (f"{preset['images']:,} training images per method" + (f" ({', '.join(own)})" if own else "")
+                  + (f" or {preset['minutes']} min" if preset["minutes"] else ""))
     else:
-        budget = f"{preset['minutes']} min" if preset["minutes"] else f"{preset['max_steps']} steps"
-    title = f"{Path(data).name}, {preset['backbone']}, {budget} (max {preset['epochs']} epochs) per method"
+        budget = (f"{preset['minutes']} min" if preset["minutes"] else f"{preset['max_steps']} steps") + (
+            f" (max {preset['epochs']} epochs) per method")
+    title = f"{Path(data).name}, {preset['backbone']}, {budget}"
     table = markdown(results, sup_by_arch, title)
     table += ("\nEvery method runs with its own defaults" + (
         f", except (set by the preset): {json.dumps(preset['model'])}" if preset["model"] else "") +

@@ -183,18 +183,21 @@ def log_interval(requested: int, n_train: int, global_batch: int, accumulate: in
     return max(1, min(requested, steps))
 
 
-def final_validation_batch(max_steps: int, n_train: int, global_batch: int, accumulate: int = 1) -> int | None:
+def final_validation_batch(max_steps: int, n_train: int, global_batch: int, accumulate: int = 1,
+                           steps_per_batch: int = 1) -> int | None:
     """The training batch after which to validate when ``max_steps`` ends the run inside its first epoch.
 
     Validation runs at the end of each epoch; a run capped at fewer steps than one epoch would end with no
     validation at all (no ``val/bits_per_dim`` for the likelihood models, no ``val/online_top1``).
-    Returns ``max_steps * accumulate`` (Lightning's ``val_check_interval`` counts batches) in that case,
-    else None.
+    Returns the batch at which ``max_steps`` ends, ``ceil(max_steps / steps_per_batch) * accumulate``
+    (Lightning's ``val_check_interval`` counts batches, ``max_steps`` counts optimiser steps: two a batch
+    for a GAN), in that case, else None.
     """
     batches = max(1, n_train // global_batch)
-    if max_steps is None or max_steps <= 0 or max_steps * max(1, accumulate) >= batches:
+    if max_steps is None or max_steps <= 0:
         return None
-    return max_steps * max(1, accumulate)
+    last = -(-max_steps // max(1, steps_per_batch)) * max(1, accumulate)
+    return None if last >= batches else last
 
 
 def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resume: bool, callbacks: list,
@@ -258,7 +261,7 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
     )
     if trainer.limit_val_batches:
         last = final_validation_batch(trainer.max_steps, len(dm.train_set), dm.batch_size * trainer.world_size,
-                                      trainer.accumulate_grad_batches)
+                                      trainer.accumulate_grad_batches, type(model).optimizer_steps_per_batch)
         if last is not None:  # a run shorter than an epoch still validates once, at its last step
             trainer.val_check_interval = last
     if launcher_zero:

@@ -78,3 +78,18 @@ def test_quality_variant_needs_options(bench, text, capsys):
     assert quality.main(["--preset", "cpu-smoke", "--variant", text]) == 2
     err = capsys.readouterr().err
     assert err.startswith("quality.py: error: --variant") and ("KEY=VALUE" in err) and err.count("\n") == 1
+
+
+def test_quality_image_budget_counts_batches_not_optimiser_steps(bench, tmp_path):
+    """A GAN takes two optimiser steps a batch: the same image budget gives it twice the max_steps."""
+    import quality
+
+    preset = dict(quality.PRESETS["cpu"], method_images={"relative_position": 100_000})
+    rot = quality.method_config("rotation", preset, "data", tmp_path)
+    gan = quality.method_config("bigan", preset, "data", tmp_path)
+    rp = quality.method_config("relative_position", preset, "data", tmp_path)
+    assert rot["trainer"]["max_steps"] == -(-25_000 // rot["data"]["batch_size"])
+    assert gan["trainer"]["max_steps"] == 2 * -(-25_000 // gan["data"]["batch_size"])
+    assert rp["trainer"]["max_steps"] == -(-100_000 // rp["data"]["batch_size"])
+    # the image budget alone ends a run, even one longer than an epoch
+    assert rot["trainer"]["max_epochs"] == rp["trainer"]["max_epochs"] == -1

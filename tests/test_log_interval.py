@@ -42,3 +42,12 @@ def test_a_run_shorter_than_an_epoch_still_reports_held_out_bits_per_dim(tmp_pat
     result = pretrain(cfg)
     assert result.metrics["val/bits_per_dim"] > 0
     assert "val/bits_per_dim" in (result.run_dir / "metrics.json").read_text()
+
+
+def test_final_validation_batch_counts_a_gans_two_optimiser_steps_per_batch():
+    from selfsup.train import final_validation_batch
+
+    # --max-steps 6 on a GAN is 3 batches (D's step and G's step each): validate after batch 3, not 6
+    assert final_validation_batch(6, n_train=1437, global_batch=64, steps_per_batch=2) == 3
+    assert final_validation_batch(7, n_train=1437, global_batch=64, steps_per_batch=2) == 4  # the last, partial
+    assert final_validation_batch(44, n_train=1437, global_batch=64, steps_per_batch=2) is None  # a full epoch

@@ -146,6 +146,9 @@ class SSLModule(pl.LightningModule):
     """A method's own defaults for base arguments (CPC: layer norm, AdamW at 2e-4); ``--help`` shows them."""
     uses_backbone: ClassVar[bool] = True
     """False for a method with no trunk of its own choice (a flow): tools then leave ``backbone`` alone."""
+    optimizer_steps_per_batch: ClassVar[int] = 1
+    """Optimiser steps per training batch (2 for a GAN's two players): Lightning's ``global_step`` and
+    ``--max-steps`` count optimiser steps, so a budget in batches or images multiplies by this."""
     validates: ClassVar[bool] = False
     """Whether the method's own ``validation_step`` logs something (a VAE's ``val/bits_per_dim``), so the
     driver runs the val loop even without the online probe."""

@@ -185,6 +185,7 @@ class AdversarialModule(SSLModule):
     """
 
     base_defaults = {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0, "warmup_epochs": 0.0, "crop_scale": 1.0}
+    optimizer_steps_per_batch = 2  # D's step, then G's (and E's)
 
     def __init__(self, *, z_dim: int = 128, g_width: int = 64, gan_loss: str = "hinge", image_size: int = 32,
                  num_samples: int = 64, **base) -> None:
@@ -300,7 +301,7 @@ class AdversarialModule(SSLModule):
         schedule, t = super().lr_lambda(), self.trainer
         if t.max_steps > 0 and t.estimated_stepping_batches == t.max_steps:
             # --max-steps counts both players' steps, the schedulers step once per batch
-            return lambda batch: schedule(2 * batch)
+            return lambda batch: schedule(self.optimizer_steps_per_batch * batch)
         return schedule
 
     def configure_optimizers(self):
