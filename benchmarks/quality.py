@@ -123,7 +123,7 @@ def pretrain_once(cfg: dict, work: Path) -> Path:
     run_dir = work / "runs" / cfg["name"]
     if (run_dir / "metrics.json").is_file() and (run_dir / "export" / "config.json").is_file():
         return run_dir  # finished earlier
-    resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    resume = any((run_dir / "checkpoints").glob("*.ckpt"))  # last.ckpt, a step's or the one SIGTERM saved
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # started but never checkpointed: nothing to keep
     start = time.perf_counter()
@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import selfsup  # noqa: F401  (registers every method)
+    from selfsup.errors import TrainingStopped
     from selfsup.ssl.module import METHODS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -394,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{label}: pretraining ({preset['backbone']}, {data}) ...", flush=True)
         cfg = method_config(method, preset, data, work, overrides, run_name(label))
-        run_dir = pretrain_once(cfg, work)
+        try:
+            run_dir = pretrain_once(cfg, work)
+        except TrainingStopped as err:  # SIGTERM: the step was saved, a rerun of this command resumes it
+            print(f"quality.py: {label}: {err}", file=sys.stderr)
+            return TrainingStopped.exit_code
         print(f"{label}: evaluating ...", flush=True)
         res = evaluate_method(label, run_dir, preset, supervised)
         if res["pretrain_steps"]:  # optimiser steps -> batches -> images

@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SelfsupError(where + unknown_name_message("method", method, METHODS))
     except SelfsupError as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
 
     parser = _Parser(prog="selfsup", description="Self-supervised representation learning for images.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                      seeds=args.seeds)
     except SelfsupError as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("selfsup: interrupted", file=sys.stderr)
         return 130

@@ -23,3 +23,13 @@ class CheckpointError(SelfsupError, ValueError):
 
 class TrainingError(SelfsupError, RuntimeError):
     """Training that cannot go on: a NaN or infinite loss, or a resume with nothing left to train."""
+
+
+class TrainingStopped(TrainingError):
+    """Training stopped by SIGTERM; its last step was checkpointed and ``--resume`` continues it.
+
+    The CLI exits with 143 (128 + SIGTERM), as a process killed by the signal would, so a scheduler or
+    script sees that the run did not finish.
+    """
+
+    exit_code = 143

@@ -90,3 +90,24 @@ class FreshTimer(Timer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         return None
+
+
+class SaveOnSigterm(Callback):
+    """On SIGTERM (a scheduler's pre-emption, ``kill``), save the step Lightning stopped at.
+
+    Lightning answers SIGTERM by finishing the current batch and raising ``SIGTERMException`` (on every
+    rank under DDP: rank 0 broadcasts the signal), so the state saved here is a whole step's, the same a
+    step checkpoint would hold; resume picks the newest checkpoint, so it continues from this step. Only
+    SIGTERM: a ``KeyboardInterrupt`` may arrive inside an optimiser step, whose state is not whole.
+    """
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.saved = False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
+            self.saved = True

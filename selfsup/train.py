@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from selfsup.checkpoint import (
     AtomicCheckpointIO,
@@ -50,11 +50,11 @@ from selfsup.config import (  # noqa: F401  (re-exported: the config API lived h
 )
 from selfsup.data.datamodule import SelfSupDataModule
 from selfsup.divergence import DivergenceGuard
-from selfsup.errors import ConfigError, TrainingError
+from selfsup.errors import ConfigError, TrainingError, TrainingStopped
 from selfsup.eval.online import OnlineLinearProbe
 from selfsup.progress import lightning_bar
 from selfsup.quiet import quiet_lightning
-from selfsup.resume import ExactResume, FreshTimer
+from selfsup.resume import ExactResume, FreshTimer, SaveOnSigterm
 from selfsup.runs import claim_run_dir, merge_metrics, set_aside_metrics
 from selfsup.ssl.module import METHODS, SSLModule, build_method
 from selfsup.ssl.module import method_arguments as class_arguments
@@ -216,12 +216,14 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
     trainer_kwargs = dict(cfg["trainer"])
     max_time = trainer_kwargs.pop("max_time", None)
     every = cfg.get("checkpoint_every")
+    sigterm = SaveOnSigterm(ckpt_dir / "sigterm.ckpt")
     cbs = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1),
         # resume takes the newest checkpoint that loads, so this one needs no last.ckpt of its own
         *([ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every)] if every else []),
         LearningRateMonitor(logging_interval="step"),
         ExactResume(),
+        sigterm,
         DivergenceGuard(),
         *([FreshTimer(duration=max_time, interval="step")] if max_time else []),
         *([probe] if probe else []),
@@ -273,6 +275,11 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
             # metrics.csv was set aside above and is merged back below: nothing is deleted.
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except SIGTERMException:  # Lightning stopped at a batch boundary; SaveOnSigterm saved that step
+        kept = (f"step {trainer.global_step} saved in {sigterm.path}" if sigterm.saved
+                else "no step was trained yet")
+        raise TrainingStopped(f"stopped by SIGTERM ({kept}); run the same command with --resume to continue "
+                              f"{run_dir}") from None
     finally:
         if trainer.is_global_zero:
             merge_metrics(run_dir, resumed_step)
