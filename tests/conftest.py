@@ -44,7 +44,9 @@ def loss_before_and_after_one_step(model, batch) -> tuple[float, float]:
     opt.zero_grad()
     before.backward()
     opt.step()
-    return float(before), float(model.loss(batch)["loss"])
+    with torch.no_grad():
+        after = model.loss(batch)["loss"]
+    return before.item(), after.item()
 
 
 def perturb_(model, scale: float = 0.01) -> None:

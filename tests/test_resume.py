@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from selfsup.checkpoint import find_resumable_checkpoint
 from selfsup.errors import TrainingError
@@ -33,6 +34,11 @@ pretrain(json.loads(sys.argv[1]), callbacks=[SigkillAt()])
 """
 
 
+# The killed run is compared bit for bit with one trained in this process: same BLAS thread count
+# (conftest pins 2; a subprocess would otherwise take OMP_NUM_THREADS or every core).
+SAME_THREADS = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def _losses(run_dir):
     with (run_dir / "metrics.csv").open(newline="") as f:
         return [(r["step"], r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
@@ -44,7 +50,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_loss_curve(tmp_path):
     full = pretrain({**CONFIG, "output": str(tmp_path), "name": "full"})
     cfg = {**CONFIG, "output": str(tmp_path), "name": "cut"}
     r = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(cfg)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+                       env=SAME_THREADS, timeout=600)
     assert r.returncode == -9, r.stderr[-3000:]
     run = tmp_path / "cut"
     assert not (run / "export").exists()
