@@ -14,6 +14,7 @@ from __future__ import annotations
 import kornia.augmentation as K
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from selfsup.errors import ConfigError
 
@@ -74,3 +75,40 @@ def make_augment(
     if grayscale_p > 0:
         ops.append(K.RandomGrayscale(p=grayscale_p))
     return nn.Sequential(*ops)
+
+
+class PatchAugment(nn.Module):
+    """Per-patch colour dropping and horizontal flips, independent and batched over all patches (CPC v2).
+
+    Colour dropping (Doersch et al. 2015) keeps one random channel of a patch and replaces the other two
+    by Gaussian noise of std ``noise_std`` around 0, the dataset mean of normalised images (1/100 of a
+    channel's std, as Doersch et al.), so a patch's colour cannot be matched across patches. One-channel
+    (lightness) patches have no colour to drop: they are only flipped.
+
+    Args:
+        color_drop: probability that a patch has two of its three channels dropped.
+        flip: probability that a patch is flipped horizontally.
+        noise_std: std of the noise replacing the dropped channels, in normalised units.
+
+    Shape:
+        - Input: ``(N, C, p, p)`` normalised patches, ``C`` 3 or 1 -> Output: same shape
+    """
+
+    def __init__(self, color_drop: float = 1.0, flip: float = 0.5, noise_std: float = 0.01) -> None:
+        super().__init__()
+        for name, v in (("patch_color_drop", color_drop), ("patch_flip", flip)):
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{name} must be a probability in [0, 1], got {v!r}")
+        self.color_drop, self.flip, self.noise_std = color_drop, flip, noise_std
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        n, c, dev = patches.shape[0], patches.shape[1], patches.device
+        if self.color_drop > 0 and c > 1:
+            keep = F.one_hot(torch.randint(0, c, (n,), device=dev), c).to(patches.dtype)  # (N, C)
+            drop = torch.rand(n, device=dev) < self.color_drop  # (N,)
+            mask = torch.where(drop[:, None], keep, torch.ones_like(keep))[:, :, None, None]  # (N, C, 1, 1)
+            patches = patches * mask + (1 - mask) * self.noise_std * torch.randn_like(patches)
+        if self.flip > 0:
+            flip = torch.rand(n, device=dev) < self.flip  # (N,)
+            patches = torch.where(flip[:, None, None, None], patches.flip(-1), patches)
+        return patches

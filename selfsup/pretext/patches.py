@@ -21,6 +21,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from selfsup.data.transforms import PatchAugment
 from selfsup.errors import ConfigError
 from selfsup.pretext.task import Task
 
@@ -193,8 +194,6 @@ class TileTask(Task):
         patch_gap: int | None, patch_resize: int | None, color_drop: float, head_hidden: int,
     ) -> None:
         super().__init__()
-        from selfsup.ssl.cpc import PatchAugment
-
         check_tile_options(patch_size, patch_gap, patch_resize)
         self.patch_size, self.patch_gap, self.patch_resize = patch_size, patch_gap, patch_resize
         self.augment = PatchAugment(color_drop=color_drop, flip=0.0)
