@@ -42,7 +42,19 @@ def make_progress(*columns, enabled: bool = True, transient: bool = False, conso
 
 
 def lightning_bar():
-    """Lightning's rich progress bar for training, drawn on a plain console in a notebook without ipywidgets."""
+    """Lightning's rich progress bar for training, drawn on a plain console in a notebook without ipywidgets.
+
+    Its description says ``Epoch 3/9`` (the last epoch's index) when ``max_epochs`` bounds the run, and
+    ``Epoch 3`` when it does not (``--max-epochs -1``, a run ended by ``--max-steps`` or ``--max-time``),
+    where Lightning's own would print ``Epoch 3/-2``.
+    """
     from pytorch_lightning.callbacks import RichProgressBar
 
-    return RichProgressBar(console_kwargs=console_kwargs() or None)
+    class Bar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            text = super()._get_train_description(current_epoch)
+            if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+                text = text.replace(f"/{self.trainer.max_epochs - 1}", "", 1)
+            return text
+
+    return Bar(console_kwargs=console_kwargs() or None)

@@ -1,6 +1,7 @@
 import importlib.util
 import warnings
 
+import pytest
 import rich.console
 
 from selfsup import progress
@@ -32,3 +33,12 @@ def test_in_a_notebook_without_ipywidgets_bars_print_plainly_and_never_warn(monk
     assert progress.lightning_bar()._console_kwargs == {"force_jupyter": False, "force_terminal": False}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # with ipywidgets: rich's own widget
     assert not progress.notebook_without_widgets() and progress.console_kwargs() == {}
+
+
+@pytest.mark.parametrize(("max_epochs", "expected"), [(10, "Epoch 3/9"), (-1, "Epoch 3"), (None, "Epoch 3")])
+def test_training_bar_names_the_last_epoch_only_when_there_is_one(max_epochs, expected):
+    from types import SimpleNamespace
+
+    bar = progress.lightning_bar()
+    bar._trainer = SimpleNamespace(max_epochs=max_epochs)  # what the bar reads of its trainer
+    assert bar._get_train_description(3).strip() == expected

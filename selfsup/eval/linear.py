@@ -67,6 +67,10 @@ DEFAULT_WEIGHT_DECAY = 1e-3
 CPU_RESIDENT_BYTES = 2**28
 """CPU memory for a standardised float32 copy of small training sets (the rows and their hold-out parts)."""
 
+LBFGS_HISTORY = 10
+"""L-BFGS correction pairs kept (scipy's and so scikit-learn's default ``maxcor``). Each pair is two
+``D x C + C`` float32 vectors, whatever N: 165 MiB at D=2048, C=1000, the largest fixed cost of a probe."""
+
 _CHUNK_FLOATS = 2**24
 """Floats in one chunk's (rows x max(D, C)) block: 64 MiB on the CPU (4x that on a GPU)."""
 
@@ -515,7 +519,7 @@ def _fit_lbfgs(
         lr=1.0,
         max_iter=min_iter,
         max_eval=int(min_iter * 1.25) + 1,
-        history_size=20,
+        history_size=LBFGS_HISTORY,
         tolerance_grad=-1.0,  # never met: the first phase always runs min_iter iterations
         tolerance_change=1e-12,
         line_search_fn="strong_wolfe",
