@@ -14,11 +14,17 @@ beside the baselines on the same subsets: a random-init encoder of the method's 
 floor), raw pixels, and the same backbone trained supervised from scratch (fine-tuning each method's
 weights too where the preset allows, as in CPC v2's label-efficiency figure).
 
+The ``cpu`` budget is counted in training images (batches, whatever a method's optimiser steps per
+batch: a GAN takes two), the same for every method except where the preset names one
+(``method_images``: relative position, whose step is the cheapest, gets 100,000); ``--images`` sets
+one budget for all.
+
 Every method is resumable: the work directory keeps each run and each finished method's result, so a
-command that was cut off continues where it stopped when run again (``--fresh`` starts over).
+command that was cut off (SIGTERM included: it exits 143) continues where it stopped when run again
+(``--fresh`` starts over).
 
     python benchmarks/quality.py --preset cpu-smoke                     # minutes; what CI runs
-    python benchmarks/quality.py --preset cpu --threads 2               # 25,000 images a method; ~1.5 h
+    python benchmarks/quality.py --preset cpu --threads 2               # 25,000 images a method; ~2 h
     python benchmarks/quality.py --preset gpu --data /data/cifar10      # ResNet-18, bf16, channels-last
 
 Writes ``benchmarks/results/quality_<preset>.{json,md,png}`` and prints the markdown table.
