@@ -404,7 +404,7 @@ class CPC(TaskMethod):
         directions: comma-separated prediction directions, from ``down`` (top to bottom), ``up``,
             ``left``, ``right``; they share the encoder, the context network and the predictors.
             ``down`` alone is the default: in the CPU results table all four (as the paper) gave 44.2
-            linear against 44.8 for ``down``, for 1.3x the training time
+            linear against 44.8 for ``down``, and took longer to train
             (``benchmarks/results/quality_cpu_cpc_directions.json``).
         context_hidden: width inside the context network's residual blocks.
         context_blocks: number of residual blocks in the context network.
