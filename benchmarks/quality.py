@@ -24,7 +24,7 @@ command that was cut off (SIGTERM included: it exits 143) continues where it sto
 (``--fresh`` starts over).
 
     python benchmarks/quality.py --preset cpu-smoke                     # minutes; what CI runs
-    python benchmarks/quality.py --preset cpu --threads 2               # 25,000 images a method; ~2 h
+    python benchmarks/quality.py --preset cpu --threads 2               # 25,000 images a method; each row's minutes are in the table
     python benchmarks/quality.py --preset gpu --data /data/cifar10      # ResNet-18, bf16, channels-last
 
 Writes ``benchmarks/results/quality_<preset>.{json,md,png}`` and prints the markdown table.
