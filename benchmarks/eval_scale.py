@@ -11,6 +11,8 @@ touched), so one task's memory never hides another's:
   the torch search; torch on a GPU).
 - ``sweep``: :func:`selfsup.eval.label_efficiency.label_efficiency_sweep` at 1%, 10% and 100% of the
   labels, 1 seed, linear + kNN.
+- ``evals`` (not in the presets' task lists): one probe loss + gradient evaluation over all N rows,
+  streamed from the memory map vs held resident, interleaved 3 times: what the resident budget buys.
 
 Presets::
 
@@ -18,8 +20,11 @@ Presets::
     python benchmarks/eval_scale.py --preset cpu             # this 2-core / 24 GB machine: see README
     python benchmarks/eval_scale.py --preset gpu             # N = 50k, 200k, 500k, 1.28M; D=2048; C=1000; cuda
 
-``--sizes``, ``--dim``, ``--classes``, ``--test``, ``--device``, ``--dtype``, ``--max-iter``, ``--grid``
-and ``--tasks`` override a preset. The ``cpu`` preset caps L-BFGS at a few iterations on one L2 strength
+``--sizes``, ``--dim``, ``--classes``, ``--test``, ``--device``, ``--dtype``, ``--max-iter``, ``--grid``,
+``--resident-mib`` and ``--tasks`` override a preset. The probe holds a training set resident when twice
+its float32 size fits its budget (on the CPU a quarter of the available memory) and streams it from the
+memory map otherwise; each result records that budget (``resident_budget_mib``). ``--resident-mib 256``
+forces the streamed path at the sizes the committed CPU figures were measured at (with that fixed budget). The ``cpu`` preset caps L-BFGS at a few iterations on one L2 strength
 (a memory run: memory does not depend on the iteration count; its accuracy is not a converged probe's).
 Writes ``benchmarks/results/eval_scale_<preset>.json`` and prints a table. Unattended-safe: a task that
 fails is recorded with its error and the next one runs; faiss missing means the torch kNN path.
@@ -99,6 +104,8 @@ def worker(args: argparse.Namespace) -> None:
     vy = np.load(Path(args.test_file).with_suffix(".labels.npy"))
     device = args.device
     lin = {"max_iter": args.max_iter, "weight_decays": args.grid, "device": device}
+    if args.resident_mib is not None:
+        lin["resident_bytes"] = int(args.resident_mib * 2**20)
     if args.max_iter < 5:
         lin["min_iter"] = args.max_iter
     if device.startswith("cuda"):
@@ -108,6 +115,8 @@ def worker(args: argparse.Namespace) -> None:
         res = linear_probe(tx, ty, vx, vy, **lin)
         out = {"top1": res["top1"], "weight_decay": res["weight_decay"], "fit": res["fit"],
                "val_curve": [(p["weight_decay"], round(p["val_top1"], 2), p["iterations"]) for p in res["val_curve"]]}
+    elif args.task == "evals":
+        out = resident_vs_streamed(tx, ty, device, int(ty.max()) + 1)
     elif args.task == "knn":
         res = knn_classify(tx, ty, vx, vy, k=20, device=device)
         out = {"top1": res["top1"], "backend": res["backend"]}
@@ -118,12 +127,45 @@ def worker(args: argparse.Namespace) -> None:
                                           for m in ("linear", "knn")}
                            for i, b in enumerate(res["results"]["synthetic"]["linear"])}}
     seconds = time.perf_counter() - start
+    from selfsup.eval.linear import _resident_budget
+
+    budget = _resident_budget(torch.device(device), lin.get("resident_bytes"))
     out.update({"seconds": seconds, "peak_rss_mib": peak_rss_mib(), "rss_after_imports_mib": base_rss,
-                "faiss": has_faiss()})
+                "faiss": has_faiss(), "resident_budget_mib": round(budget / 2**20)})
     if device.startswith("cuda"):
         out["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["gpu"] = torch.cuda.get_device_name()
     print("RESULT " + json.dumps(out))
+
+
+def resident_vs_streamed(tx, ty, device: str, num_classes: int, rounds: int = 3) -> dict:
+    """Seconds of one probe loss + gradient evaluation over all rows, streamed from the memory map vs held
+    resident (standardised float32), interleaved ``rounds`` times in this process so the ratio holds on a
+    shared machine."""
+    import torch
+
+    from selfsup.eval import linear as lin
+
+    dev = torch.device(device)
+    x, y = torch.from_numpy(np.asarray(tx)), torch.from_numpy(np.asarray(ty)).long()
+    stats = lin._mean_std(x, dev)
+    w = torch.randn(x.shape[1], num_classes, generator=torch.Generator().manual_seed(0)).mul_(0.01).to(dev)
+    b = torch.zeros(num_classes, device=dev)
+    t = time.perf_counter()
+    resident = lin._prepare_rows(x, y, None, stats, dev, num_classes, resident_bytes=2**62)
+    copy_s = time.perf_counter() - t
+    streamed = lin._prepare_rows(x, y, None, stats, dev, num_classes, resident_bytes=0)
+    times: dict[str, list[float]] = {"streamed": [], "resident": []}
+    for _ in range(rounds):
+        for name, data in (("streamed", streamed), ("resident", resident)):
+            t = time.perf_counter()
+            lin._loss_and_grad(data, w, b, 1e-3)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    best = {k: min(v) for k, v in times.items()}
+    return {"streamed_s": times["streamed"], "resident_s": times["resident"], "resident_copy_s": copy_s,
+            "streamed_over_resident": best["streamed"] / best["resident"]}
 
 
 def run_task(task: str, train: Path, test: Path, cfg: dict, threads: int, timeout: float) -> dict:
@@ -131,6 +173,8 @@ def run_task(task: str, train: Path, test: Path, cfg: dict, threads: int, timeou
            str(test), "--device", cfg["device"], "--max-iter", str(cfg["max_iter"]), "--threads", str(threads)]
     if cfg["grid"]:
         cmd += ["--grid", ",".join(f"{g:g}" for g in cfg["grid"])]
+    if cfg.get("resident_mib") is not None:
+        cmd += ["--resident-mib", str(cfg["resident_mib"])]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -154,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sep", type=float, help="class-mean scale (noise has unit variance)")
     p.add_argument("--max-iter", type=int)
     p.add_argument("--grid", help="comma-separated L2 strengths (default: the probe's)")
+    p.add_argument("--resident-mib", type=float,
+                   help="the probe's resident budget (default: the library's; 256 streams as before 2026-11-25)")
     p.add_argument("--tasks", help="comma-separated: probe,knn,sweep")
     p.add_argument("--threads", type=int, default=max(1, min(16, os.cpu_count() or 1)))
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per task before it is recorded as timed out")
@@ -171,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     cfg = dict(PRESETS[args.preset])
-    for key in ("dim", "classes", "test", "device", "dtype", "max_iter", "sep"):
+    for key in ("dim", "classes", "test", "device", "dtype", "max_iter", "sep", "resident_mib"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.sizes:
@@ -216,13 +262,20 @@ def main(argv: list[str] | None = None) -> int:
     for col in ("N", "task", "seconds", "peak RSS MiB", "after imports", "file MiB", "peak / file", "top-1", "note"):
         table.add_column(col, justify="right")
     for r in rows:
-        note = r.get("error") or (f"wd {r['weight_decay']:g}, {r['fit']['iterations']} it" if r["task"] == "probe"
-                                  else json.dumps(r.get("budgets", r.get("backend", ""))))
+        if r.get("error"):
+            note = r["error"]
+        elif r["task"] == "probe":
+            note = f"wd {r['weight_decay']:g}, {r['fit']['iterations']} it"
+        elif r["task"] == "evals":
+            note = (f"one evaluation: streamed {min(r['streamed_s']):.2f} s, resident {min(r['resident_s']):.2f} s "
+                    f"({r['streamed_over_resident']:.2f}x)")
+        else:
+            note = json.dumps(r.get("budgets", r.get("backend", "")))
         table.add_row(str(r["n"]), r["task"], f"{r.get('seconds', float('nan')):.1f}",
                       f"{r.get('peak_rss_mib', float('nan')):.0f}", f"{r.get('rss_after_imports_mib', float('nan')):.0f}",
                       f"{r['file_mib']:.0f}",
                       f"{r.get('peak_over_file', float('nan')):.2f}",
-                      f"{r['top1']:.2f}" if "top1" in r else "-", note[:60])
+                      f"{r['top1']:.2f}" if "top1" in r else "-", note[:90])
     Console(width=160).print(table)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"eval_scale_{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

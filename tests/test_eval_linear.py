@@ -354,3 +354,32 @@ def test_an_early_stopped_l2_search_says_so_and_fills_its_bar(capsys):
     assert n < len(grid)  # these blobs stop the search early (seeded data)
     assert f", stopped at {n} of {len(grid)})" in out
     assert f"{n}/{n}" in out and f"/{len(grid)}" not in out  # a full bar, not one cut off at n/8
+
+
+def test_cpu_resident_budget_is_a_share_of_available_memory(monkeypatch):
+    """On the CPU a training set is held resident (standardised once) up to a quarter of the available
+    memory, split between data-parallel ranks, never less than the 256 MiB floor; larger sets stream."""
+    from selfsup.eval import linear as lin
+
+    avail = lin.available_cpu_memory()
+    assert avail is None or avail > 0
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(lin, "available_cpu_memory", lambda: 16 * 2**30)
+    assert lin._resident_budget(cpu, None) == 4 * 2**30
+    assert lin._resident_budget(cpu, None, processes=8) == 2**29
+    assert lin._resident_budget(cpu, 123) == 123  # an explicit budget wins
+    monkeypatch.setattr(lin, "available_cpu_memory", lambda: None)
+    assert lin._resident_budget(cpu, None) == lin.CPU_RESIDENT_BYTES
+    monkeypatch.setattr(lin, "available_cpu_memory", lambda: 2**20)
+    assert lin._resident_budget(cpu, None) == lin.CPU_RESIDENT_BYTES
+
+    # the decision, at a size past the old fixed 256 MiB: 2 * 9000 * 4000 * 4 bytes = 275 MiB
+    x = torch.zeros(9000, 4000)
+    y = torch.zeros(9000, dtype=torch.long)
+    stats = (torch.zeros(4000), torch.ones(4000))
+    monkeypatch.setattr(lin, "available_cpu_memory", lambda: 4 * 2**30)
+    resident = lin._prepare_rows(x, y, None, stats, cpu, 10, None)
+    assert resident.stats is None and resident.x is not x  # one standardised copy
+    monkeypatch.setattr(lin, "available_cpu_memory", lambda: 2**30)
+    streamed = lin._prepare_rows(x, y, None, stats, cpu, 10, None)
+    assert streamed.stats is not None and streamed.x is x  # read chunk by chunk from where it lives

@@ -18,8 +18,8 @@ Scale: the objective and its gradient are accumulated over row chunks (float64 s
 no (N, C) logit or one-hot array and no second copy of the training features is ever made: features are
 read in their stored dtype (a float16 cache stays float16) from wherever they live (a memory map
 included), standardised and converted chunk by chunk. A training set small enough (twice its float32
-size within ``resident_bytes``: 256 MiB on the CPU, 60% of the free memory on a GPU) is copied once,
-standardised, to the fitting device. L-BFGS stops when the largest gradient entry falls below ``tol`` times its value at ``W = 0``, a
+size within ``resident_bytes``: a quarter of the available memory on the CPU, at least 256 MiB; 60% of the
+free memory on a GPU) is copied once, standardised, to the fitting device. L-BFGS stops when the largest gradient entry falls below ``tol`` times its value at ``W = 0``, a
 scale-free rule (gradients shrink about as 1/C, so an absolute threshold under-fits at 1000 classes),
 and every fit takes at least ``min_iter`` iterations, so a warm start cannot stall.
 
@@ -43,6 +43,7 @@ search's stopping tolerance).
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -65,7 +66,13 @@ DEFAULT_WEIGHT_DECAY = 1e-3
 """L2 strength used when no hold-out is possible (a class with fewer than 2 training labels)."""
 
 CPU_RESIDENT_BYTES = 2**28
-"""CPU memory for a standardised float32 copy of small training sets (the rows and their hold-out parts)."""
+"""The least CPU memory a standardised float32 copy of the training rows (and their hold-out parts) may use."""
+
+CPU_RESIDENT_FRACTION = 0.25
+"""Share of the CPU's available memory (``MemAvailable``) such a copy may use, when that is more than
+:data:`CPU_RESIDENT_BYTES`. Streaming rows from a memory map costs about 3x a resident copy per L-BFGS
+evaluation (the conversion and standardisation of every chunk, every time; measured at 50k x 2048 and
+50k x 5632 float32), so a CIFAR probe of ResNet-50 or multi-layer features is kept resident where it fits."""
 
 LBFGS_HISTORY = 10
 """L-BFGS correction pairs kept (scipy's and so scikit-learn's default ``maxcor``). Each pair is two
@@ -396,12 +403,32 @@ def _mean_std(
     return mean.float(), std.float()
 
 
-def _resident_budget(device: torch.device, resident_bytes: int | None) -> int:
+def available_cpu_memory() -> int | None:
+    """Bytes of memory available to new allocations without swapping (Linux ``MemAvailable``; elsewhere
+    half the physical memory), None where neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _resident_budget(device: torch.device, resident_bytes: int | None, processes: int = 1) -> int:
+    """Bytes a resident standardised copy of the training rows may take on ``device``: on the CPU, this
+    process's share when ``processes`` data-parallel ranks may share the machine's memory."""
     if resident_bytes is not None:
         return int(resident_bytes)
     if device.type == "cuda":
         return int(0.6 * torch.cuda.mem_get_info(device)[0])
-    return CPU_RESIDENT_BYTES
+    available = available_cpu_memory()
+    share = int(CPU_RESIDENT_FRACTION * available / max(1, processes)) if available else 0
+    return max(CPU_RESIDENT_BYTES, share)
 
 
 def _prepare_rows(
@@ -421,7 +448,7 @@ def _prepare_rows(
     n, d = (x.shape[0] if rows is None else rows.numel()), x.shape[1]
     chunk = _chunk_rows(d, num_classes, device)
     # twice the copy: the hold-out search takes its fit and held-out parts as copies of the resident set
-    if stats is not None and 0 < n and 2 * n * d * 4 <= _resident_budget(device, resident_bytes):
+    if stats is not None and 0 < n and 2 * n * d * 4 <= _resident_budget(device, resident_bytes, shard.world):
         xs = torch.cat([_standardise(b.to(device).float(), *stats) for b in _row_blocks(x, rows, chunk)])
         return _Rows(xs, y.to(device), None, None, device, chunk, shard)
     return _Rows(x, y.to(device), rows, stats, device, chunk, shard)
@@ -791,8 +818,8 @@ def linear_probe(
         device: where to fit; the features' device when None.
         batch_size: mini-batch fit with this batch size (Adam, ``epochs`` passes) instead of L-BFGS.
         resident_bytes: memory for a standardised float32 copy of the training rows on ``device`` (and its
-            hold-out parts: twice the rows' size); larger sets are streamed chunk by chunk. None: 256 MiB on
-            the CPU, 60% of free memory on a GPU.
+            hold-out parts: twice the rows' size); larger sets are streamed chunk by chunk. None: a quarter
+            of the available memory on the CPU (at least 256 MiB), 60% of free memory on a GPU.
         epochs: passes of the mini-batch fit.
         lr: peak learning rate of the mini-batch fit (cosine-decayed to 0).
         default_weight_decay: strength used when no hold-out is possible.
