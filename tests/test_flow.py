@@ -7,7 +7,14 @@ import torch
 import selfsup
 from selfsup.errors import ConfigError
 from selfsup.ssl.generative.flow import Flow, dequantize
-from selfsup.ssl.generative.flow_layers import ActNorm, AffineCoupling, FlowStep, InvConv1x1, MultiScaleFlow
+from selfsup.ssl.generative.flow_layers import (
+    ActNorm,
+    AffineCoupling,
+    FlowStep,
+    InvConv1x1,
+    MultiScaleFlow,
+    VariationalDequantizer,
+)
 from tests.conftest import fixed_batch, loss_before_and_after_one_step, perturb_, run_cli
 
 LAYERS = {
@@ -191,3 +198,66 @@ def test_cli_names_a_backbone_given_to_a_flow_in_one_line(tmp_path, monkeypatch,
         main(["pretrain", "--method", "flow", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "unused by a flow (its encoder is the flow itself)" in help_text and "--sample-temperature" in help_text
+    assert "--dequantization" in help_text
+    assert main(["pretrain", "--method", "flow", "--dequantization", "learned", "--image-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfsup: error: dequantization must be 'uniform' or 'variational'") and err.count("\n") == 1
+
+
+def test_variational_dequantizer_log_q_is_the_change_of_variables_density():
+    """log q(u | x) equals torch.distributions' density of sigmoid(N(mu, exp(s)^2)) at the u it draws."""
+    from torch.distributions import Normal, TransformedDistribution
+    from torch.distributions.transforms import SigmoidTransform
+
+    deq = _away_from_identity(VariationalDequantizer(3, hidden=8), scale=0.1)
+    x = torch.rand(4, 3, 4, 4) - 0.5
+    eps = torch.randn(4, 3, 4, 4)
+    with torch.no_grad():
+        u, log_q = deq(x, eps)
+        mu, log_scale = deq.net(x).chunk(2, dim=1)
+        assert log_scale.std() > 0.01  # a non-trivial q: the scale varies by pixel
+        ref = TransformedDistribution(Normal(mu.double(), log_scale.double().exp()), SigmoidTransform())
+        expected = ref.log_prob(u.double()).flatten(1).sum(1)
+    assert ((u > 0) & (u < 1)).all()
+    torch.testing.assert_close(log_q.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_variational_dequantizer_is_a_density_on_the_bin():
+    """q is a density on the unit cube, so E_q[log q] = KL(q || uniform) >= 0 (a wrong log-Jacobian breaks it),
+    and the flow's variational bound is then no lower than the uniform one when p is flat inside a bin."""
+    torch.manual_seed(0)
+    deq = _away_from_identity(VariationalDequantizer(3, hidden=8), scale=0.1)
+    x = torch.rand(1, 3, 2, 2).expand(20000, -1, -1, -1) - 0.5
+    with torch.no_grad():
+        _, log_q = deq(x)
+    mean, sem = log_q.mean().item(), log_q.std().item() / math.sqrt(len(log_q))
+    assert mean > 3 * sem  # KL > 0 here: q is far from uniform
+
+    torch.manual_seed(0)
+    model = Flow(levels=1, steps=1, hidden=8, dequantization="variational", flip=False)
+    model.dequantizer = deq
+    with torch.no_grad():
+        model.flow(torch.rand(512, 3, 2, 2) - 0.5)  # actnorm's data-dependent init on spread-out images
+    model.eval()
+    images = torch.randint(0, 256, (8, 3, 2, 2), dtype=torch.uint8).repeat(2000, 1, 1, 1)
+    with torch.no_grad():
+        variational = model.bits_per_dim(images)[0].mean()
+        model.dequantizer = None
+        uniform = model.bits_per_dim(images)[0].mean()
+    assert variational > uniform
+
+
+def test_variational_dequantization_trains_with_the_flow():
+    """One step on a fixed batch lowers the variational bound and moves q's parameters; the probed
+    encoder does not include q, and a bad choice is one ConfigError."""
+    torch.manual_seed(0)
+    model = Flow(levels=2, steps=1, hidden=16, flip=False, dequantization="variational")
+    before_q = [p.detach().clone() for p in model.dequantizer.parameters()]
+    loss = model.loss
+    model.loss = lambda batch: (torch.manual_seed(0), loss(batch))[1]  # the same noise both times
+    before, after = loss_before_and_after_one_step(model, fixed_batch())
+    assert after < before
+    assert any(not torch.equal(a, b) for a, b in zip(before_q, model.dequantizer.parameters(), strict=True))
+    assert not any(n.startswith("dequantizer") for n, _ in model.encoder().named_parameters())
+    with pytest.raises(ConfigError, match="dequantization must be"):
+        Flow(dequantization="learned")

@@ -8,6 +8,7 @@ and concatenated.
 - [0] Density estimation using Real NVP, Dinh et al. 2017, https://arxiv.org/abs/1605.08803
 - [1] Glow: Generative Flow with Invertible 1x1 Convolutions, Kingma & Dhariwal 2018,
   https://arxiv.org/abs/1807.03039
+- [2] Flow++ (variational dequantisation), Ho et al. 2019, https://arxiv.org/abs/1902.00275
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ import torch
 from torch import nn
 
 from selfsup.errors import ConfigError
-from selfsup.ssl.generative.flow_layers import MultiScaleFlow
+from selfsup.ssl.generative.flow_layers import MultiScaleFlow, VariationalDequantizer
 from selfsup.ssl.module import SSLModule, register_method
 
 LEVELS = 256  # 8-bit images
 
 
-def dequantize(x: torch.Tensor, noise: bool = True) -> torch.Tensor:
+def dequantize(x: torch.Tensor, noise: bool = True, u: torch.Tensor | None = None) -> torch.Tensor:
     """Images -> continuous values in [-0.5, 0.5): ``(level + u) / 256 - 0.5`` (Theis et al. 2016).
 
+    ``u`` when given (noise in [0, 1) per pixel, e.g. from a :class:`VariationalDequantizer`), else
     ``u ~ U[0, 1)`` per pixel when ``noise``, else ``u = 0.5`` (the bin's centre). uint8 images are
     the levels themselves; float images in [0, 1] are ``level / 255``.
 
@@ -35,7 +37,8 @@ def dequantize(x: torch.Tensor, noise: bool = True) -> torch.Tensor:
         - Input: ``(B, C, H, W)`` uint8 or float -> Output: same shape, float32
     """
     levels = x.float() if x.dtype == torch.uint8 else x.float() * (LEVELS - 1)
-    u = torch.rand_like(levels) if noise else torch.full_like(levels, 0.5)
+    if u is None:
+        u = torch.rand_like(levels) if noise else torch.full_like(levels, 0.5)
     return (levels + u) / LEVELS - 0.5
 
 
@@ -105,8 +108,10 @@ class Flow(SSLModule):
 
     Each level squeezes (space to channels), applies ``steps`` x (actnorm, LU-decomposed invertible
     1x1 convolution, affine coupling) and factors half of the channels out with a learned conditional
-    prior. Uniform dequantisation; loss and ``val/bits_per_dim`` are the exact negative log-likelihood in
-    bits per dimension (on the held-out split every validation epoch). Each training epoch writes a grid
+    prior. Uniform dequantisation by default, variational (a learned ``q(u | x)``, Ho et al. 2019) with
+    ``dequantization="variational"``; loss and ``val/bits_per_dim`` are the negative log-likelihood
+    bound in bits per dimension (exact for the dequantised density; on the held-out split every
+    validation epoch). Each training epoch writes a grid
     of samples at ``sample_temperature`` to ``<run>/samples/epoch_XXX.png``.
 
     A flow has no trunk: its encoder is the flow itself, whose size ``levels``, ``steps`` and ``hidden``
@@ -119,6 +124,9 @@ class Flow(SSLModule):
         levels: number of scales (image sides must be divisible by ``2 ** levels``).
         steps: flow steps (actnorm, 1x1 convolution, coupling) per level.
         hidden: channels of the coupling layers' convnets.
+        dequantization: ``uniform`` (``u ~ U[0, 1)``) or ``variational`` (a learned logistic-normal
+            ``q(u | x)``, :class:`~selfsup.ssl.generative.flow_layers.VariationalDequantizer`, trained
+            with the flow on the tighter bound ``E_q[log p(x + u) - log q(u | x)]``).
         sample_temperature: temperature of the sample grid written each epoch (std of the latents
             relative to the prior's; 0 draws each prior's mean).
         num_samples: images in the sample grid (0: none).
@@ -136,6 +144,7 @@ class Flow(SSLModule):
         levels: int = 3,
         steps: int = 4,
         hidden: int = 32,
+        dequantization: str = "uniform",
         sample_temperature: float = 0.7,
         num_samples: int = 64,
         **base,
@@ -153,11 +162,14 @@ class Flow(SSLModule):
         for name, v, lo in (("levels", levels, 1), ("steps", steps, 1), ("hidden", hidden, 1), ("num_samples", num_samples, 0)):
             if v < lo:
                 raise ConfigError(f"{name} must be >= {lo}, got {v!r}")
+        if dequantization not in ("uniform", "variational"):
+            raise ConfigError(f"dequantization must be 'uniform' or 'variational', got {dequantization!r}")
         if sample_temperature < 0:
             raise ConfigError(f"sample_temperature must be >= 0, got {sample_temperature!r}")
         super().__init__(**base)
         self.backbone = None  # SSLModule's default trunk: a flow has none, so it is not kept (nor saved)
         self.flow = MultiScaleFlow(3, levels, steps, hidden)
+        self.dequantizer = VariationalDequantizer(3, hidden) if dequantization == "variational" else None
         self._side: int | None = None  # image side seen in training, for the sample grid
 
     @property
@@ -170,12 +182,21 @@ class Flow(SSLModule):
     def bits_per_dim(self, images: torch.Tensor, noise: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Per-image bits/dim of uint8 images under the flow, and the latents.
 
+        With ``noise``, the dequantisation noise is drawn (uniform, or from ``q(u | x)`` whose
+        log-density is subtracted: the variational bound); without, every pixel sits at its bin's centre.
+
         Shape:
             - Input: ``(B, 3, H, W)`` -> ``(B,)`` and the list of latents
         """
         check_side(images, self.flow.levels)
-        latents, logdet, log_prior = self.flow(dequantize(images, noise))
-        return bits_per_dim(log_prior + logdet, images[0].numel()), latents
+        log_q = 0.0
+        if noise and self.dequantizer is not None:
+            u, log_q = self.dequantizer(dequantize(images, noise=False))
+            y = dequantize(images, u=u)
+        else:
+            y = dequantize(images, noise)
+        latents, logdet, log_prior = self.flow(y)
+        return bits_per_dim(log_prior + logdet - log_q, images[0].numel()), latents
 
     def _flip(self, x: torch.Tensor) -> torch.Tensor:
         """Random horizontal flips per image in training (pixels are kept exactly, never interpolated)."""
