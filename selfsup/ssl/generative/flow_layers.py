@@ -324,7 +324,9 @@ class VariationalDequantizer(nn.Module):
         ``log q(u | x) = log N(eps) - s - log sigmoid(t) - log sigmoid(-t)``,  ``t = mu + exp(s) * eps``.
 
     Flow++ uses a conditional flow for ``q``; this is its one-layer member. The last convolution starts
-    at zero (``mu = 0``, ``s = 0``), a smooth bump centred on the bin.
+    at ``mu = 0``, ``s = log 1.75`` for every image: ``sigmoid(N(0, 1.75^2))`` is the logistic-normal
+    closest to uniform (``KL(q || U) = 0.01`` nats a dimension, against 0.19 at ``s = 0``), so the bound
+    starts within 0.015 bits/dim of uniform dequantisation's and training can only tighten it.
 
     Args:
         channels: image channels.
@@ -344,6 +346,10 @@ class VariationalDequantizer(nn.Module):
             nn.ReLU(inplace=True),
             ZeroConv2d(hidden, 2 * channels),
         )
+        with torch.no_grad():
+            self.net[-1].bias[channels:] = self.INIT_LOG_SCALE
+
+    INIT_LOG_SCALE = math.log(1.75)
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         mu, log_scale = self.net(x).chunk(2, dim=1)  # 2 x (B, C, H, W)
