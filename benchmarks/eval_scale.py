@@ -22,9 +22,9 @@ Presets::
 
 ``--sizes``, ``--dim``, ``--classes``, ``--test``, ``--device``, ``--dtype``, ``--max-iter``, ``--grid``,
 ``--resident-mib`` and ``--tasks`` override a preset. The probe holds a training set resident when twice
-its float32 size fits its budget (on the CPU a quarter of the available memory) and streams it from the
-memory map otherwise; each result records that budget (``resident_budget_mib``). ``--resident-mib 256``
-forces the streamed path at the sizes the committed CPU figures were measured at (with that fixed budget). The ``cpu`` preset caps L-BFGS at a few iterations on one L2 strength
+its float32 size fits its budget (256 MiB on the CPU, 60% of free memory on a GPU) and streams it from
+the memory map otherwise; each result records that budget (``resident_budget_mib``). The ``cpu`` preset
+caps L-BFGS at a few iterations on one L2 strength
 (a memory run: memory does not depend on the iteration count; its accuracy is not a converged probe's).
 Writes ``benchmarks/results/eval_scale_<preset>.json`` and prints a table. Unattended-safe: a task that
 fails is recorded with its error and the next one runs; faiss missing means the torch kNN path.
@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-iter", type=int)
     p.add_argument("--grid", help="comma-separated L2 strengths (default: the probe's)")
     p.add_argument("--resident-mib", type=float,
-                   help="the probe's resident budget (default: the library's; 256 streams as before 2026-11-25)")
-    p.add_argument("--tasks", help="comma-separated: probe,knn,sweep")
+                   help="the probe's resident budget in MiB (default: the library's, 256 on the CPU)")
+    p.add_argument("--tasks", help="comma-separated: probe,knn,sweep,evals")
     p.add_argument("--threads", type=int, default=max(1, min(16, os.cpu_count() or 1)))
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per task before it is recorded as timed out")
     p.add_argument("--workdir", help="where the feature files go (default: a temporary directory)")

@@ -356,30 +356,53 @@ def test_an_early_stopped_l2_search_says_so_and_fills_its_bar(capsys):
     assert f"{n}/{n}" in out and f"/{len(grid)}" not in out  # a full bar, not one cut off at n/8
 
 
-def test_cpu_resident_budget_is_a_share_of_available_memory(monkeypatch):
-    """On the CPU a training set is held resident (standardised once) up to a quarter of the available
-    memory, split between data-parallel ranks, never less than the 256 MiB floor; larger sets stream."""
+def test_cpu_resident_budget_is_fixed_and_large_sets_stream():
+    """On the CPU a training set is held resident (standardised once) only when twice its float32 copy
+    fits 256 MiB, whatever memory the machine has: a larger set streams, so no second copy of large
+    features is ever made."""
     from selfsup.eval import linear as lin
 
-    avail = lin.available_cpu_memory()
-    assert avail is None or avail > 0
     cpu = torch.device("cpu")
-    monkeypatch.setattr(lin, "available_cpu_memory", lambda: 16 * 2**30)
-    assert lin._resident_budget(cpu, None) == 4 * 2**30
-    assert lin._resident_budget(cpu, None, processes=8) == 2**29
+    assert lin._resident_budget(cpu, None) == lin.CPU_RESIDENT_BYTES == 2**28
     assert lin._resident_budget(cpu, 123) == 123  # an explicit budget wins
-    monkeypatch.setattr(lin, "available_cpu_memory", lambda: None)
-    assert lin._resident_budget(cpu, None) == lin.CPU_RESIDENT_BYTES
-    monkeypatch.setattr(lin, "available_cpu_memory", lambda: 2**20)
-    assert lin._resident_budget(cpu, None) == lin.CPU_RESIDENT_BYTES
-
-    # the decision, at a size past the old fixed 256 MiB: 2 * 9000 * 4000 * 4 bytes = 275 MiB
+    # 2 * 9000 * 4000 * 4 bytes = 275 MiB: past the budget (and no copy is made to find out)
     x = torch.zeros(9000, 4000)
     y = torch.zeros(9000, dtype=torch.long)
     stats = (torch.zeros(4000), torch.ones(4000))
-    monkeypatch.setattr(lin, "available_cpu_memory", lambda: 4 * 2**30)
-    resident = lin._prepare_rows(x, y, None, stats, cpu, 10, None)
-    assert resident.stats is None and resident.x is not x  # one standardised copy
-    monkeypatch.setattr(lin, "available_cpu_memory", lambda: 2**30)
     streamed = lin._prepare_rows(x, y, None, stats, cpu, 10, None)
     assert streamed.stats is not None and streamed.x is x  # read chunk by chunk from where it lives
+    small = lin._prepare_rows(x[:100], y[:100], None, stats, cpu, 10, None)
+    assert small.stats is None and small.x is not x  # one standardised copy
+    assert lin._prepare_rows(x, y, None, stats, cpu, 10, 2**30).stats is None  # a larger explicit budget
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("subset", [False, True])
+def test_streamed_blocks_equal_the_standardised_rows_and_leave_the_map_untouched(tmp_path, dtype, subset):
+    """Streamed blocks are standardised into one reused buffer: each block, while current, holds exactly
+    the standardised rows (as the resident copy does), in order, and the read-only memory map it is
+    read from is never written."""
+    from selfsup.eval import linear as lin
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "f.npy"
+    np.save(path, (rng.standard_normal((1000, 24)) * 3 + 5).astype(dtype))
+    mm = np.load(path, mmap_mode="r")
+    x = torch.from_numpy(mm) if dtype == np.float32 else torch.from_numpy(np.asarray(mm))
+    before = x.clone()
+    rows = torch.from_numpy(np.sort(rng.choice(1000, 300, replace=False))) if subset else None
+    y = torch.arange(1000 if rows is None else 300) % 7
+    cpu = torch.device("cpu")
+    stats = lin._mean_std(x, cpu, rows)
+    data = lin._Rows(x, y, rows, stats, cpu, chunk=64)
+    got, labels = [], []
+    for xb, yb in data.blocks():
+        got.append(xb.clone())
+        labels.append(yb)
+    ref = x.float() if rows is None else x[rows].float()
+    ref = (ref - stats[0]) / stats[1]
+    assert torch.equal(torch.cat(got), ref)  # bit for bit: same arithmetic as the resident copy
+    assert torch.equal(torch.cat(labels), y)
+    resident = lin._prepare_rows(x, y, rows, stats, cpu, 7, 2**30)
+    assert resident.stats is None and torch.equal(resident.x, ref)
+    assert torch.equal(x, before) and np.array_equal(np.load(path), before.numpy())

@@ -17,9 +17,9 @@ features live there or ``device="cuda"``.
 Scale: the objective and its gradient are accumulated over row chunks (float64 sums across chunks), so
 no (N, C) logit or one-hot array and no second copy of the training features is ever made: features are
 read in their stored dtype (a float16 cache stays float16) from wherever they live (a memory map
-included), standardised and converted chunk by chunk. A training set small enough (twice its float32
-size within ``resident_bytes``: a quarter of the available memory on the CPU, at least 256 MiB; 60% of the
-free memory on a GPU) is copied once, standardised, to the fitting device. L-BFGS stops when the largest gradient entry falls below ``tol`` times its value at ``W = 0``, a
+included), standardised and converted chunk by chunk into one reused cache-sized buffer. A training set
+small enough (twice its float32 size within ``resident_bytes``: 256 MiB on the CPU, 60% of the free
+memory on a GPU) is copied once, standardised, to the fitting device. L-BFGS stops when the largest gradient entry falls below ``tol`` times its value at ``W = 0``, a
 scale-free rule (gradients shrink about as 1/C, so an absolute threshold under-fits at 1000 classes),
 and every fit takes at least ``min_iter`` iterations, so a warm start cannot stall.
 
@@ -43,7 +43,6 @@ search's stopping tolerance).
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -66,20 +65,23 @@ DEFAULT_WEIGHT_DECAY = 1e-3
 """L2 strength used when no hold-out is possible (a class with fewer than 2 training labels)."""
 
 CPU_RESIDENT_BYTES = 2**28
-"""The least CPU memory a standardised float32 copy of the training rows (and their hold-out parts) may use."""
-
-CPU_RESIDENT_FRACTION = 0.25
-"""Share of the CPU's available memory (``MemAvailable``) such a copy may use, when that is more than
-:data:`CPU_RESIDENT_BYTES`. Streaming rows from a memory map costs about 3x a resident copy per L-BFGS
-evaluation (the conversion and standardisation of every chunk, every time; measured at 50k x 2048 and
-50k x 5632 float32), so a CIFAR probe of ResNet-50 or multi-layer features is kept resident where it fits."""
+"""CPU memory a standardised float32 copy of the training rows (and its hold-out parts) may use: a set
+whose copy, twice over, fits is held resident, a larger one is streamed from where it is stored. Kept
+small on purpose: streaming in cache-sized chunks through one reused buffer costs about 1.0-1.3x a
+resident copy per L-BFGS evaluation (``benchmarks/eval_scale.py --tasks evals``), so a larger resident
+copy would buy little speed for a second copy of the features in memory."""
 
 LBFGS_HISTORY = 10
 """L-BFGS correction pairs kept (scipy's and so scikit-learn's default ``maxcor``). Each pair is two
 ``D x C + C`` float32 vectors, whatever N: 165 MiB at D=2048, C=1000, the largest fixed cost of a probe."""
 
-_CHUNK_FLOATS = 2**24
-"""Floats in one chunk's (rows x max(D, C)) block: 64 MiB on the CPU (4x that on a GPU)."""
+_CHUNK_FLOATS_CPU = 2**21
+"""Floats in one chunk's (rows x max(D, C)) block on the CPU: 8 MiB, so a standardised block is still in
+cache when the matrix products read it (64 MiB chunks made every streamed evaluation 2-3x slower at
+D = 2048 and 5632, C = 10; 1024 rows at D = 2048, C = 1000 are within 5% of the best chunk there)."""
+
+_CHUNK_FLOATS_CUDA = 2**26
+"""The same on a GPU (256 MiB): large kernels, and the caching allocator makes a new block cheap."""
 
 
 @dataclass
@@ -315,7 +317,7 @@ def _standardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
 
 def _chunk_rows(d: int, c: int, device: torch.device) -> int:
     """Rows per chunk so that a chunk's features and logits stay within the chunk budget."""
-    floats = _CHUNK_FLOATS * (4 if device.type == "cuda" else 1)
+    floats = _CHUNK_FLOATS_CUDA if device.type == "cuda" else _CHUNK_FLOATS_CPU
     return max(1, floats // max(1, d, c))
 
 
@@ -361,13 +363,25 @@ class _Rows:
         return int(self.y.shape[0])
 
     def blocks(self):
-        """``(x_block, y_block)``: float32 standardised features (b, D) on ``device`` and their labels (b,)."""
+        """``(x_block, y_block)``: float32 standardised features (b, D) on ``device`` and their labels (b,).
+
+        A block is valid until the next one is drawn: streamed blocks are standardised into one buffer
+        reused for every chunk (a fresh 8 MiB allocation per chunk costs page faults on every pass).
+        """
+        if self.stats is None:  # resident: views of the standardised copy
+            start = 0
+            for xb in self.x.split(self.chunk):
+                yield xb, self.y[start : start + xb.shape[0]]
+                start += xb.shape[0]
+            return
+        mean, std = self.stats
+        buf = torch.empty(min(self.chunk, max(1, self.n)), self.x.shape[1], device=self.device)
         start = 0
         for xb in _row_blocks(self.x, self.rows, self.chunk):
-            xb = xb.to(self.device, non_blocking=True)
-            if self.stats is not None:
-                xb = _standardise(xb.float(), *self.stats)  # a new tensor: the stored rows stay untouched
-            yield xb, self.y[start : start + xb.shape[0]]
+            out = buf[: xb.shape[0]]
+            # out of place into the buffer: the stored rows (a read-only memory map, say) stay untouched
+            torch.sub(xb.to(self.device, non_blocking=True), mean, out=out).div_(std)
+            yield out, self.y[start : start + xb.shape[0]]
             start += xb.shape[0]
 
     def subset(self, idx: torch.Tensor) -> _Rows:
@@ -403,32 +417,14 @@ def _mean_std(
     return mean.float(), std.float()
 
 
-def available_cpu_memory() -> int | None:
-    """Bytes of memory available to new allocations without swapping (Linux ``MemAvailable``; elsewhere
-    half the physical memory), None where neither can be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def _resident_budget(device: torch.device, resident_bytes: int | None, processes: int = 1) -> int:
-    """Bytes a resident standardised copy of the training rows may take on ``device``: on the CPU, this
-    process's share when ``processes`` data-parallel ranks may share the machine's memory."""
+def _resident_budget(device: torch.device, resident_bytes: int | None) -> int:
+    """Bytes a resident standardised copy of the training rows may take on ``device`` (per process):
+    ``resident_bytes`` when given; on a GPU 60% of its free memory; on the CPU :data:`CPU_RESIDENT_BYTES`."""
     if resident_bytes is not None:
         return int(resident_bytes)
     if device.type == "cuda":
         return int(0.6 * torch.cuda.mem_get_info(device)[0])
-    available = available_cpu_memory()
-    share = int(CPU_RESIDENT_FRACTION * available / max(1, processes)) if available else 0
-    return max(CPU_RESIDENT_BYTES, share)
+    return CPU_RESIDENT_BYTES
 
 
 def _prepare_rows(
@@ -448,8 +444,11 @@ def _prepare_rows(
     n, d = (x.shape[0] if rows is None else rows.numel()), x.shape[1]
     chunk = _chunk_rows(d, num_classes, device)
     # twice the copy: the hold-out search takes its fit and held-out parts as copies of the resident set
-    if stats is not None and 0 < n and 2 * n * d * 4 <= _resident_budget(device, resident_bytes, shard.world):
-        xs = torch.cat([_standardise(b.to(device).float(), *stats) for b in _row_blocks(x, rows, chunk)])
+    if stats is not None and 0 < n and 2 * n * d * 4 <= _resident_budget(device, resident_bytes):
+        xs, start = torch.empty(n, d, device=device), 0  # filled chunk by chunk: never a second list of blocks
+        for block in _row_blocks(x, rows, chunk):
+            torch.sub(block.to(device), stats[0], out=xs[start : start + block.shape[0]]).div_(stats[1])
+            start += block.shape[0]
         return _Rows(xs, y.to(device), None, None, device, chunk, shard)
     return _Rows(x, y.to(device), rows, stats, device, chunk, shard)
 
@@ -818,8 +817,8 @@ def linear_probe(
         device: where to fit; the features' device when None.
         batch_size: mini-batch fit with this batch size (Adam, ``epochs`` passes) instead of L-BFGS.
         resident_bytes: memory for a standardised float32 copy of the training rows on ``device`` (and its
-            hold-out parts: twice the rows' size); larger sets are streamed chunk by chunk. None: a quarter
-            of the available memory on the CPU (at least 256 MiB), 60% of free memory on a GPU.
+            hold-out parts: twice the rows' size); larger sets are streamed chunk by chunk. None: 256 MiB
+            on the CPU, 60% of free memory on a GPU.
         epochs: passes of the mini-batch fit.
         lr: peak learning rate of the mini-batch fit (cosine-decayed to 0).
         default_weight_decay: strength used when no hold-out is possible.
