@@ -124,6 +124,7 @@ def method_config(method: str, preset: dict, data: str, work: Path, overrides: d
 
 def pretrain_once(cfg: dict, work: Path) -> Path:
     """Pretrain, or continue a run that was cut off, or reuse a finished one; the run directory."""
+    from selfsup.checkpoint import atomic_write_text
     from selfsup.train import pretrain
 
     run_dir = work / "runs" / cfg["name"]
@@ -138,7 +139,7 @@ def pretrain_once(cfg: dict, work: Path) -> Path:
     timing = run_dir / "pretrain_cost.json"
     before = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0  # earlier, cut-off parts
     cost = {"seconds": before + seconds, "steps": int(run.model.trainer.global_step)}
-    timing.write_text(json.dumps(cost) + "\n")
+    atomic_write_text(timing, json.dumps(cost) + "\n")
     return run_dir
 
 
@@ -168,6 +169,7 @@ def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: 
     """Probe, kNN, label efficiency, baselines and bits/dim of one pretrained run."""
     import numpy as np
 
+    from selfsup.checkpoint import update_json
     from selfsup.eval import harness
     from selfsup.eval.finetune import train_classifier
     from selfsup.eval.label_efficiency import label_efficiency_sweep
@@ -182,12 +184,15 @@ def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: 
     common = {"ks": list(preset["ks"]), "seeds": list(preset["seeds"]), "dataset_key": ev.dataset_key,
               "keys": ev.keys, "progress": False}
     memo_file = run_dir.parent.parent / "results" / "_baselines.json"
-    memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
 
     def scores(name: str) -> dict:
-        """Probe, kNN and label-efficiency scores of one encoder (a baseline's from the memo when known)."""
+        """Probe, kNN and label-efficiency scores of one encoder (a baseline's from the memo when known).
+
+        The memo is read afresh and merged under a lock, so runs sharing a ``--work`` directory reuse
+        and keep each other's baselines."""
         pair = ev.features[name]
         key = f"{pair[0].path.name}|{pair[1].path.name}"  # the cache files: named by encoder, data and transform
+        memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
         if name != src.name and key in memo:
             return memo[key]
         one = dataclasses.replace(ev, features={name: pair})
@@ -201,8 +206,7 @@ def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: 
         out = {"probe": probe, "knn20": harness.evaluate(one, "knn", k=20)[name],
                "knn200": harness.evaluate(one, "knn", k=200, temperature=0.07)[name], "sweep": {"linear": linear}}
         if name != src.name:
-            memo[key] = out
-            memo_file.write_text(json.dumps(memo) + "\n")
+            update_json(memo_file, {key: out})
         return out
 
     scored = {name: scores(name) for name in ev.features}
@@ -335,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import selfsup  # noqa: F401  (registers every method)
+    from selfsup.checkpoint import atomic_write_text, update_json
     from selfsup.errors import TrainingStopped
     from selfsup.ssl.module import METHODS
 
@@ -388,10 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     (work / "results").mkdir(parents=True, exist_ok=True)
 
-    results, supervised = [], {}
+    results = []
     sup_file = work / "results" / "_supervised.json"
-    if sup_file.is_file():
-        supervised = {tuple(k.split("|", 1)): v for k, v in json.loads(sup_file.read_text()).items()}
+
+    def read_supervised() -> dict:  # afresh each time: another run sharing --work may have added one
+        text = json.loads(sup_file.read_text()) if sup_file.is_file() else {}
+        return {tuple(k.split("|", 1)): v for k, v in text.items()}
+
+    supervised = read_supervised()
     rows = [(m, m, {}) for m in methods] + variants
     for label, method, overrides in rows:
         done = work / "results" / f"{run_name(label)}.json"
@@ -407,12 +416,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"quality.py: {label}: {err}", file=sys.stderr)
             return TrainingStopped.exit_code
         print(f"{label}: evaluating ...", flush=True)
+        supervised = read_supervised()
         res = evaluate_method(label, run_dir, preset, supervised)
         if res["pretrain_steps"]:  # optimiser steps -> batches -> images
             batches = res["pretrain_steps"] // METHODS[method].optimizer_steps_per_batch
             res["pretrain_images"] = batches * cfg["data"]["batch_size"]
-        done.write_text(json.dumps(res, indent=2) + "\n")
-        sup_file.write_text(json.dumps({"|".join(k): v for k, v in supervised.items()}, indent=2) + "\n")
+        atomic_write_text(done, json.dumps(res, indent=2) + "\n")
+        supervised = read_supervised() | supervised  # keep this run's entry and another run's
+        update_json(sup_file, {"|".join(k): v for k, v in supervised.items()})
         results.append(res)
 
     sup_by_arch = {arch: entries for (arch, _), entries in supervised.items()}

@@ -12,10 +12,11 @@ Checkpoints are loaded with ``torch.load(weights_only=True)``: a crafted pickle 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,6 +24,11 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from selfsup.errors import CheckpointError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent writers may then drop each other's keys
+    fcntl = None
 
 TEMP_MARK = ".tmp-"
 _TEMP_RE = re.compile(r"\.tmp-?(\d+)(\.[\w.]*)?$")  # also the feature cache's ``<name>.tmp<pid>``
@@ -68,6 +74,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (temp file in the same directory, fsync, rename)."""
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+def update_json(path: str | Path, updates: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``updates`` into the JSON object stored at ``path`` (created when absent) and return the result.
+
+    The read, merge and atomic write happen under an exclusive lock on ``<path>.lock`` (``flock``, where
+    the platform has it), so processes sharing the file each add their keys without dropping another's.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        current = json.loads(path.read_text()) if path.is_file() else {}
+        current.update(updates)
+        atomic_write_text(path, json.dumps(current, indent=2) + "\n")
+    return current
 
 
 def atomic_save(writer: Callable[[str], Any], path: str | Path) -> None:

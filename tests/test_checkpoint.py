@@ -184,3 +184,33 @@ def test_resume_picks_the_most_trained_checkpoint_whatever_the_mtimes(tmp_path):
     os.utime(tmp_path / "step=12.ckpt", (1, 1))  # a copy (cp -r) scrambles modification times
     path, ckpt = find_resumable_checkpoint(tmp_path, say=lambda m: None)
     assert path.name == "step=12.ckpt" and ckpt["global_step"] == 12
+
+
+def _add_keys(path: str, worker: int, count: int) -> None:
+    from selfsup.checkpoint import update_json
+
+    for i in range(count):
+        update_json(path, {f"{worker}-{i}": i})
+
+
+def test_update_json_keeps_every_writers_keys(tmp_path):
+    """Processes sharing one JSON file (the quality benchmark's baseline memo, say) each merge their
+    entries under a lock: none is dropped by another's read-modify-write, and the file is valid JSON."""
+    import multiprocessing as mp
+
+    from selfsup.checkpoint import update_json
+
+    path = tmp_path / "memo.json"
+    update_json(path, {"first": 0})
+    # fork: the children only read and write JSON (no torch), and start in milliseconds
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    procs = [ctx.Process(target=_add_keys, args=(str(path), w, 25)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    got = json.loads(path.read_text())
+    assert set(got) == {"first"} | {f"{w}-{i}" for w in range(4) for i in range(25)}
+    assert update_json(path, {"first": 1})["first"] == 1  # a later value replaces an earlier one
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temporary file left behind
