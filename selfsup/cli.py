@@ -212,13 +212,14 @@ def build_eval_parsers(sub) -> None:
     common.add_argument("source", nargs="?", help="a run directory (runs/<name>) or an export directory")
     common.add_argument("--random-init", metavar="BACKBONE", help="evaluate a randomly initialised BACKBONE instead")
     common.add_argument("--data", help="dataset spec (default: the run's training data)")
-    common.add_argument("--image-size", type=int, help="resize images to this size (default: the run's)")
-    common.add_argument("--batch-size", type=int, default=256, help="extraction batch size (default: 256)")
+    common.add_argument("--image-size", type=_positive, help="resize images to this size (default: the run's)")
+    common.add_argument("--batch-size", type=_positive, default=256, help="extraction batch size (default: 256)")
     common.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="feature storage dtype")
     common.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="skip the random-init and raw-pixel baselines")
     common.add_argument("--output", help="results directory (default: <run>/eval)")
-    common.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
+    common.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda", "mps"],
+                        help="where features are extracted: cpu, gpu (= cuda), mps or auto (default: auto)")
     common.add_argument("--devices", type=_devices, default=1,
                         help="devices per node for extraction and, with --strategy ddp, for the fits: a sweep "
                         "spreads its fits over them, a probe splits its training rows over them (DDP when > 1)")
@@ -284,10 +285,24 @@ def build_view_parsers(sub) -> None:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+def check_retrieval_sizes(queries: int, k: int, n_train: int, n_test: int, data: str) -> None:
+    """A one-line :class:`ConfigError` when ``plot retrieval`` asks for more queries or neighbours than the data has."""
+    from selfsup.errors import ConfigError
+
+    if queries > n_test:
+        raise ConfigError(f"--queries {queries} is more than the {n_test} test images of {data}; "
+                          f"give at most {n_test}")
+    if k > n_train:
+        raise ConfigError(f"--k {k} is more than the {n_train} training images of {data}; give at most {n_train}")
 
 
 def _run_view(args: argparse.Namespace) -> None:
@@ -311,6 +326,7 @@ def _run_view(args: argparse.Namespace) -> None:
         ev = harness.prepare(src, data=args.data, baselines=False)
         train, test = ev.features[src.name]
         if args.kind == "retrieval":
+            check_retrieval_sizes(args.queries, args.k, len(ev.train), len(ev.test), ev.spec)
             fig = viz.retrieval_grid(ev.train, ev.test, train.x, test.x, queries=args.queries, k=args.k, title=src.name)
         else:
             fig = viz.embedding_map(test.x, test.y, ev.test.classes, method="tsne" if args.tsne else "pca",
@@ -364,17 +380,31 @@ def skipped_ks_note(ks, labels) -> str | None:
             "so those budgets are the same subset as 'all'")
 
 
+def check_devices(accelerator: str = "auto", device: str = "auto") -> None:
+    """A one-line :class:`ConfigError` when ``--accelerator`` or ``--device`` names hardware torch does not see."""
+    import torch
+
+    from selfsup.errors import ConfigError
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was given, but torch sees no CUDA GPU here (use --device cpu or auto)")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--accelerator {accelerator} was given, but torch sees no CUDA GPU here "
+                          "(use --accelerator cpu or auto)")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--accelerator mps was given, but torch sees no Apple MPS device here "
+                          "(use --accelerator cpu or auto)")
+
+
 def _run_eval(args: argparse.Namespace) -> None:
     import time
 
     import torch
 
-    from selfsup.errors import ConfigError
     from selfsup.eval import harness
 
     started = time.perf_counter()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was given, but torch sees no CUDA GPU here")
+    check_devices(args.accelerator, args.device)
     fabric = None
     if args.command in ("sweep", "probe") and _eval_world(args) > 1:
         # every rank extracts its share, then runs its share of the sweep's fits, or its rows of each probe

@@ -93,6 +93,47 @@ def test_eval_errors_are_one_line(tmp_path, args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
+def one_line_error(r, message: str) -> None:
+    """The command failed with exit status 2 and one `selfsup...: error: ...` line holding ``message``."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("selfsup") and ": error: " in lines[0], r.stderr[-3000:]
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["probe", "runs/x", "--batch-size", "0"], "argument --batch-size: must be a positive integer, got '0'"),
+    (["knn", "runs/x", "--batch-size", "-4"], "argument --batch-size: must be a positive integer"),
+    (["features", "runs/x", "--image-size", "0"], "argument --image-size: must be a positive integer, got '0'"),
+    (["sweep", "runs/x", "--image-size", "big"], "argument --image-size: expected a whole number, got 'big'"),
+    (["probe", "runs/x", "--accelerator", "tpu"], "argument --accelerator: invalid choice"),
+])
+def test_bad_sizes_are_one_line_errors(tmp_path, args, message):
+    one_line_error(run_cli(*args, cwd=tmp_path), message)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--accelerator", "gpu"], "--accelerator gpu was given, but torch sees no CUDA GPU here"),
+    (["--accelerator", "cuda"], "--accelerator cuda was given, but torch sees no CUDA GPU here"),
+    (["--device", "cuda"], "--device cuda was given, but torch sees no CUDA GPU here"),
+])
+def test_gpu_options_without_a_gpu_are_one_line_errors(tmp_path, args, message):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = run_cli("knn", "--random-init", "convnet_small", "--data", "digits", *args, "--output", str(tmp_path),
+                cwd=tmp_path)
+    one_line_error(r, message)
+
+
+def test_plot_retrieval_asks_for_no_more_than_the_data_has(run_dir):
+    r = run_cli("plot", str(run_dir), "retrieval", "--queries", "100000", cwd=run_dir.parent)
+    one_line_error(r, "--queries 100000 is more than the 360 test images of digits; give at most 360")
+    r = run_cli("plot", str(run_dir), "retrieval", "--k", "100000", cwd=run_dir.parent)
+    one_line_error(r, "--k 100000 is more than the 1437 training images of digits; give at most 1437")
+
+
 def test_distributed_extraction_through_the_cli(tmp_path):
     r = run_cli("knn", "--random-init", "convnet_small", "--data", "digits", "--image-size", "16", "--devices", "2",
                 "--strategy", "ddp", "--accelerator", "cpu", "--output", str(tmp_path / "ddp"), cwd=tmp_path)
