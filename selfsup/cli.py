@@ -252,12 +252,13 @@ def build_eval_parsers(sub) -> None:
     p.add_argument("--subset-file", dest="subset_files", action="append", default=[], metavar="FILE",
                    help="a standard subset: one image file name or relative path per line (e.g. SimCLR's ImageNet "
                    "1percent.txt / 10percent.txt; not shipped); repeatable")
-    p.add_argument("--seeds", type=int, default=3, help="subset seeds (default: 3)")
+    p.add_argument("--seeds", type=_positive, default=3, help="subset seeds (default: 3)")
     p.add_argument("--methods", default="linear,knn", help="linear, knn or both (default: linear,knn)")
     p.add_argument("--finetune", action="store_true", help="also fine-tune the whole encoder on each subset (slow)")
     p.add_argument("--supervised", action="store_true",
                    help="also train the same backbone from scratch on each subset (the supervised baseline)")
-    p.add_argument("--finetune-steps", type=int, default=300, help="training steps per subset for --finetune/--supervised")
+    p.add_argument("--finetune-steps", type=_positive, default=300,
+                   help="training steps per subset for --finetune/--supervised (default: 300)")
 
 
 def build_view_parsers(sub) -> None:

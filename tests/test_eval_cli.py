@@ -107,6 +107,10 @@ def one_line_error(r, message: str) -> None:
     (["features", "runs/x", "--image-size", "0"], "argument --image-size: must be a positive integer, got '0'"),
     (["sweep", "runs/x", "--image-size", "big"], "argument --image-size: expected a whole number, got 'big'"),
     (["probe", "runs/x", "--accelerator", "tpu"], "argument --accelerator: invalid choice"),
+    (["sweep", "runs/x", "--seeds", "0"], "argument --seeds: must be a positive integer, got '0'"),
+    (["sweep", "runs/x", "--seeds", "-2"], "argument --seeds: must be a positive integer, got '-2'"),
+    (["sweep", "runs/x", "--finetune", "--finetune-steps", "0"],
+     "argument --finetune-steps: must be a positive integer, got '0'"),
 ])
 def test_bad_sizes_are_one_line_errors(tmp_path, args, message):
     one_line_error(run_cli(*args, cwd=tmp_path), message)
