@@ -215,6 +215,9 @@ def build_eval_parsers(sub) -> None:
     common.add_argument("--image-size", type=_positive, help="resize images to this size (default: the run's)")
     common.add_argument("--batch-size", type=_positive, default=256, help="extraction batch size (default: 256)")
     common.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="feature storage dtype")
+    common.add_argument("--skip-bad-images", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,
+                        help="skip (and count) corrupt or non-image files instead of stopping (default: as the run "
+                        "was pretrained; off for an export directory or --random-init)")
     common.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="skip the random-init and raw-pixel baselines")
     common.add_argument("--output", help="results directory (default: <run>/eval)")
@@ -417,7 +420,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     trainer_kwargs = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes,
                       "strategy": args.strategy}
     ev = harness.prepare(src, args.data, args.image_size, baselines=args.baselines, dtype=args.dtype,
-                         batch_size=args.batch_size, trainer_kwargs=trainer_kwargs)
+                         batch_size=args.batch_size, trainer_kwargs=trainer_kwargs, skip_bad=args.skip_bad)
     from selfsup.train import is_launcher_rank_zero
 
     if args.command == "sweep":

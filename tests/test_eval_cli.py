@@ -206,3 +206,55 @@ def test_probe_is_data_parallel_over_two_ddp_processes(tmp_path, monkeypatch):
     for key in ("weight_decay", "C", "val_top1", "top1", "top5", "n_train", "n_val", "n_test"):
         assert ddp[key] == one[key], key
     assert [p["weight_decay"] for p in ddp["val_curve"]] == [p["weight_decay"] for p in one["val_curve"]]
+
+
+def write_folder_with_bad_images(root, n_train=12, n_val=4):
+    """An ImageNet-layout folder of 16 px PNGs (classes cat and dog), one unreadable file per split."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in ("cat", "dog"):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    (root / "train" / "cat" / "bad.png").write_bytes(b"not an image")
+    (root / "val" / "dog" / "bad.png").write_bytes(b"not an image either")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_run(tmp_path_factory):
+    """A run pretrained with --skip-bad-images on a folder holding unreadable files."""
+    base = tmp_path_factory.mktemp("bad")
+    data = write_folder_with_bad_images(base / "imgs")
+    cfg = {"model": {"backbone": "convnet_small"}, "data": {"data": str(data), "batch_size": 8, "skip_bad": True},
+           "trainer": {"max_steps": 2}, "online_probe": False, "output": str(base / "runs"), "name": "bad"}
+    return pretrain(cfg).run_dir
+
+
+def test_evaluation_inherits_the_runs_skip_bad_images(bad_run):
+    r = run_cli("features", str(bad_run), "--no-baselines", cwd=bad_run.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train (24, " in r.stdout and "test (8, " in r.stdout  # the two bad files were skipped
+    r = run_cli("knn", str(bad_run), "--no-baselines", "--k", "3", cwd=bad_run.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((bad_run / "eval" / "knn_k3.json").read_text())
+    assert res["provenance"]["data"]["skip_bad_images"] is True and res["provenance"]["data"]["n_train"] == 24
+    # turned off, the same data stops at the first bad file, in one line naming the flag that skips it
+    r = run_cli("features", str(bad_run), "--no-baselines", "--no-skip-bad-images", cwd=bad_run.parent)
+    one_line_error(r, "bad.png is not a readable image")
+    assert "--skip-bad-images" in r.stderr
+
+
+def test_skip_bad_images_flag_for_an_export_or_a_random_init(bad_run, tmp_path):
+    data = str(bad_run.parent.parent / "imgs")
+    r = run_cli("features", "--random-init", "convnet_small", "--data", data, "--no-baselines", "--output",
+                str(tmp_path / "rnd"), cwd=tmp_path)
+    one_line_error(r, "bad.png is not a readable image")
+    r = run_cli("features", "--random-init", "convnet_small", "--data", data, "--no-baselines", "--output",
+                str(tmp_path / "rnd"), "--skip-bad-images", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train (24, " in r.stdout

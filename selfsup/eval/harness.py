@@ -66,6 +66,22 @@ class EncoderSource:
     random_twin: Callable[[], nn.Module]
     meta: dict = field(default_factory=dict)
     source: str | None = None
+    skip_bad: bool = False  # the run was pretrained with --skip-bad-images: its evaluation skips them too
+
+
+def run_skip_bad(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` was pretrained with ``--skip-bad-images`` (its config.yaml's data.skip_bad)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return False
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return False
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    return bool(isinstance(data, dict) and data.get("skip_bad"))
 
 
 def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -101,7 +117,7 @@ def resolve_source(source: str | None = None, random_init: str | None = None, ou
     name = f"{config['method']} ({run_dir.name})"
     results = Path(output) if output else run_dir / "eval"
     return EncoderSource(name, encoder, results, data_cfg.get("data"), data_cfg.get("image_size"), twin, config,
-                         str(export.resolve()))
+                         str(export.resolve()), skip_bad=bool(data_cfg.get("skip_bad")) or run_skip_bad(run_dir))
 
 
 @dataclass
@@ -113,6 +129,7 @@ class EvalData:
     test: object
     features: dict[str, tuple[Features, Features]]
     keys: list[str] | None = None  # each training image's path relative to the data root (None: no files)
+    skip_bad: bool = False  # corrupt or non-image files were skipped
 
     @property
     def dataset_key(self) -> str:
@@ -130,12 +147,18 @@ def prepare(
     batch_size: int = 256,
     progress: bool = True,
     trainer_kwargs: dict | None = None,
+    skip_bad: bool | None = None,
 ) -> EvalData:
-    """Load the dataset's train and test splits and extract (or read cached) features of the encoder and baselines."""
+    """Load the dataset's train and test splits and extract (or read cached) features of the encoder and baselines.
+
+    ``skip_bad`` skips (and counts, with one warning) corrupt or non-image files instead of stopping;
+    None: as the run was pretrained (``--skip-bad-images``), else off.
+    """
     spec = data or src.data or "digits"
     size = image_size or (src.image_size if spec == src.data else None)
-    train = load_dataset(spec, "train", image_size=size)
-    test = load_dataset(spec, "val", image_size=train.image_size)
+    skip = src.skip_bad if skip_bad is None else skip_bad
+    train = load_dataset(spec, "train", image_size=size, skip_bad=skip)
+    test = load_dataset(spec, "val", image_size=train.image_size, skip_bad=skip)
     encoders = {src.name: src.encoder}
     if baselines:
         if not src.name.startswith("random"):
@@ -147,7 +170,7 @@ def prepare(
         kw = dict(batch_size=batch_size, cache_dir=cache, dtype=dtype, progress=progress, **(trainer_kwargs or {}))
         feats[name] = (extract_features(enc, train, "train", name=name, **kw),
                        extract_features(enc, test, "val", name=name, **kw))
-    return EvalData(spec, train, test, feats, sample_keys(train))
+    return EvalData(spec, train, test, feats, sample_keys(train), skip)
 
 
 def arrays(pair: tuple[Features, Features]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -226,7 +249,8 @@ def provenance(ev: EvalData, src: EncoderSource, started: float, device: str | N
         "data": {"spec": ev.spec, "name": ev.dataset_key, "fingerprint": data_fingerprint(ev.train, ev.keys),
                  "n_train": len(ev.train), "n_test": len(ev.test), "num_classes": len(ev.train.classes),
                  "image_size": meta.get("image_size"), "transform": meta.get("transform"),
-                 "subsets_keyed_by": "relative image paths" if ev.keys is not None else "dataset name and row order"},
+                 "subsets_keyed_by": "relative image paths" if ev.keys is not None else "dataset name and row order",
+                 "skip_bad_images": ev.skip_bad},
         "features": {"dtype": meta.get("dtype"), "dim": int(train.x.shape[1])},
         "settings": settings or {},
         "software": {"selfsup": selfsup.__version__, "torch": torch.__version__, "faiss": _version("faiss"),
