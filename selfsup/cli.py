@@ -524,10 +524,11 @@ def main(argv: list[str] | None = None) -> int:
             samples = result.run_dir / "samples"
             shown = f", samples in {samples}" if samples.is_dir() else ""
             print(f"run written to {result.run_dir} (encoder in {result.run_dir / 'export'}{shown})")
-        elif args.command in ("features", "probe", "knn", "sweep"):
-            _run_eval(args)
-        elif args.command in ("report", "plot"):
-            _run_view(args)
+        elif args.command in ("features", "probe", "knn", "sweep", "report", "plot"):
+            from selfsup.quiet import one_line_warnings
+
+            with one_line_warnings():
+                (_run_view if args.command in ("report", "plot") else _run_eval)(args)
         elif args.command == "demo":
             from selfsup.demo import run_demo
 

@@ -258,3 +258,42 @@ def test_skip_bad_images_flag_for_an_export_or_a_random_init(bad_run, tmp_path):
                 str(tmp_path / "rnd"), "--skip-bad-images", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "train (24, " in r.stdout
+
+
+def test_skipped_images_warn_in_one_selfsup_line_each_once(bad_run):
+    # a cached folder: one line per split, no "path.py:123: UserWarning" and no echoed source line
+    r = run_cli("features", str(bad_run), "--no-baselines", cwd=bad_run.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if "bad" in ln]
+    assert len(lines) == 2 and all(ln.startswith("selfsup: warning: skipped 1 bad file(s) in ") for ln in lines), lines
+    assert "UserWarning" not in r.stderr and "warnings.warn" not in r.stderr and "_load_folder" not in r.stderr
+    # a streamed folder (over 96 px) warns from each bad file it meets: the first one only, per pass
+    r = run_cli("features", str(bad_run), "--no-baselines", "--image-size", "128", "--dtype", "float16",
+                cwd=bad_run.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if "bad" in ln]
+    assert 1 <= len(lines) <= 2 and all(ln.startswith("selfsup: warning: skipping bad image: ") for ln in lines), lines
+    assert "UserWarning" not in r.stderr and "skip_bad=True" not in r.stderr
+
+
+def test_one_line_warnings_collapse_repeats_and_leave_other_libraries_alone(capsys):
+    import warnings
+
+    from selfsup import quiet
+
+    passed_on = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *args: passed_on.append(str(message))  # what Python would print
+        with quiet.one_line_warnings():
+            for i in range(5):
+                warnings.warn(f"skipping bad image: /d/{i}.png is not a readable image: replace or remove it, "
+                              "or pass skip_bad=True (--skip-bad-images) to skip bad files", stacklevel=1)
+            quiet.warnings.warn_explicit("same text", UserWarning, quiet.__file__, 1)
+            quiet.warnings.warn_explicit("same text", UserWarning, quiet.__file__, 1)
+            warnings.warn_explicit("from elsewhere", UserWarning, "/some/lib.py", 7)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("selfsup: warning: skipping bad image: /d/0.png is not a readable image "
+                      "(further bad images are skipped without a line each)")
+    assert err[1] == "selfsup: warning: same text" and len(err) == 2
+    assert passed_on == ["from elsewhere"]  # another library's warning keeps Python's own display
