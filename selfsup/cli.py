@@ -430,9 +430,12 @@ def _run_eval(args: argparse.Namespace) -> None:
                               finetune_steps=args.finetune_steps, subset_files=args.subset_files, device=device,
                               shard=shard, gather=None if fabric is None else _gather_dicts, started=started)
         if paths is not None:
+            import json
+
             print(f"results: {paths[0]}  plot: {paths[1]}")
-            note = skipped_ks_note(args.ks, ev.train.labels)
-            if note:
+            notes = (skipped_ks_note(args.ks, ev.train.labels),
+                     harness.classes_under_k_note(json.loads(paths[0].read_text())))
+            for note in filter(None, notes):
                 print(note)
         return
     if fabric is None and not is_launcher_rank_zero():  # extraction was distributed; kNN runs once, on rank 0

@@ -297,3 +297,18 @@ def test_one_line_warnings_collapse_repeats_and_leave_other_libraries_alone(caps
                       "(further bad images are skipped without a line each)")
     assert err[1] == "selfsup: warning: same text" and len(err) == 2
     assert passed_on == ["from elsewhere"]  # another library's warning keeps Python's own display
+
+
+def test_sweep_notes_and_records_classes_with_fewer_than_k_images(tmp_path):
+    data = write_folder_with_bad_images(tmp_path / "imgs")
+    for i in range(3):  # cat: 9 readable training images, dog: 12
+        (data / "train" / "cat" / f"{i}.png").unlink()
+    r = run_cli("sweep", "--random-init", "convnet_small", "--data", str(data), "--skip-bad-images", "--ks", "1,10,all",
+                "--seeds", "1", "--methods", "knn", "--no-baselines", "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("note: k=10: 1 class has fewer than 10 training images, so that budget uses all of them: cat (9)"
+            in r.stdout)
+    res = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert res["classes_under_k"] == {"k=10": {"cat": 9}}
+    assert res["budgets"][1]["classes_under_k"] == [{"class": 0, "n": 9, "name": "cat"}]
+    assert res["budgets"][1]["n_labels"] == 19

@@ -298,6 +298,33 @@ def report(ev: EvalData, kind: str, rows: dict[str, dict], results_dir: Path, ex
 SUPERVISED = "supervised (same backbone, from scratch)"
 
 
+def name_classes(result: dict, classes: list[str]) -> None:
+    """Put the class names into a sweep result's ``classes_under_k`` (the sweep records class labels)."""
+
+    def name(label) -> str:
+        i = int(label)
+        return str(classes[i]) if 0 <= i < len(classes) else str(label)
+
+    for budget in result["budgets"]:
+        for entry in budget.get("classes_under_k", ()):
+            entry["name"] = name(entry["class"])
+    result["classes_under_k"] = {b: {name(label): n for label, n in under.items()}
+                                 for b, under in result.get("classes_under_k", {}).items()}
+
+
+def classes_under_k_note(result: dict, shown: int = 10) -> str | None:
+    """The lines saying which classes have fewer training images than a k budget (they give all they have)."""
+    lines = []
+    for budget, under in result.get("classes_under_k", {}).items():
+        k = budget.removeprefix("k=")
+        items = [f"{name} ({n})" for name, n in under.items()]
+        more = f", ... and {len(items) - shown} more (see classes_under_k in sweep.json)" if len(items) > shown else ""
+        have = "1 class has" if len(items) == 1 else f"{len(items)} classes have"
+        lines.append(f"note: {budget}: {have} fewer than {k} training images, so that budget uses all of them: "
+                     f"{', '.join(items[:shown])}{more}")
+    return "\n".join(lines) or None
+
+
 def sweep(
     ev: EvalData,
     src: EncoderSource,
@@ -335,6 +362,7 @@ def sweep(
     if rank != 0:
         return None
     num_classes = len(ev.train.classes)
+    name_classes(result, list(ev.train.classes))
 
     def trainer_for(build: Callable[[], nn.Module], lr_scale: float):
         def run(name: str, subset: np.ndarray, seed: int) -> dict:
