@@ -234,7 +234,13 @@ def build_eval_parsers(sub) -> None:
     common.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the probe, kNN and sweep fits run (default: auto, cuda when torch sees a GPU)")
     sub.add_parser("features", parents=[common], help="extract and cache features of the train and test splits",
-                   description="Extract features once (frozen encoder, eval mode, no augmentation) and cache them.")
+                   description="Run the frozen encoder (eval mode, no augmentation) over every image of the data's "
+                   "train and test splits, and of the baselines (a random-init encoder of the same architecture, "
+                   "raw pixels; --no-baselines skips them), and cache the features, one safetensors file per "
+                   "encoder and split, in <run>/features/ (--random-init: in the --output folder's features/, "
+                   "default runs/random-<BACKBONE>/features/). probe, knn, sweep, plot and report read them from "
+                   "there instead of extracting again; a cached file is reused, not rewritten. Prints each "
+                   "encoder's train and test feature shapes and files.")
     sub.add_parser("probe", parents=[common], help="linear probe on cached features, with baselines",
                    description="Multinomial logistic regression on standardised cached features, L2 strength "
                    "chosen on held-out training labels; the random-init floor and raw pixels beside. With "

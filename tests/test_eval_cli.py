@@ -312,3 +312,11 @@ def test_sweep_notes_and_records_classes_with_fewer_than_k_images(tmp_path):
     assert res["classes_under_k"] == {"k=10": {"cat": 9}}
     assert res["budgets"][1]["classes_under_k"] == [{"class": 0, "n": 9, "name": "cat"}]
     assert res["budgets"][1]["n_labels"] == 19
+
+
+def test_features_help_says_what_it_does_and_where_it_writes(tmp_path):
+    r = run_cli("features", "--help", cwd=tmp_path)
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0
+    assert "train and test splits" in text and "<run>/features/" in text and "safetensors" in text
+    assert "probe, knn, sweep, plot and report read them from there" in text

@@ -366,8 +366,10 @@ def sweep(
 
     def trainer_for(build: Callable[[], nn.Module], lr_scale: float):
         def run(name: str, subset: np.ndarray, seed: int) -> dict:
+            what = "train from scratch" if lr_scale == 1.0 else "fine-tune"
             return train_classifier(build(), ev.train, ev.test, subset, num_classes, steps=finetune_steps,
-                                    encoder_lr_scale=lr_scale, seed=seed)
+                                    encoder_lr_scale=lr_scale, seed=seed,
+                                    progress=f"{what} {name}: {len(subset)} labels, seed {seed}" if progress else False)
 
         return run
 

@@ -68,6 +68,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from selfsup.errors import ConfigError
 from selfsup.eval.knn import knn_classify
@@ -75,6 +76,9 @@ from selfsup.eval.linear import ArrayLike, as_labels, as_tensor, check_split, li
 from selfsup.progress import make_progress
 
 SCHEMA = "selfsup.label_efficiency/1"
+FIT_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("fits"),
+               TimeElapsedColumn())
+"""The sweep's bar: the fit running now, then how many of its fits (encoder x budget x seed x method) are done."""
 METHODS = ("linear", "knn", "finetune")
 FinetuneFn = Callable[[str, np.ndarray, int], Mapping[str, float]]
 
@@ -457,7 +461,7 @@ def label_efficiency_sweep(
             if (r == rank and jobs[j][1] != "finetune") or (jobs[j][1] == "finetune" and rank == 0)]
 
     done: dict[tuple, dict[str, Any]] = {}
-    with make_progress(enabled=progress, transient=True) as bar:
+    with make_progress(*FIT_COLUMNS, enabled=progress, transient=True) as bar:
         task = bar.add_task("label efficiency", total=len(mine))
         for name in encoders:
             todo = [j for j in mine if jobs[j][0] == name]
