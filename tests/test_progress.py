@@ -88,3 +88,17 @@ def test_fine_tune_bar_counts_steps(monkeypatch):
                               np.arange(20), 10, steps=3, batch_size=8, accelerator="cpu", progress="fine-tune enc")
     text = consoles[0].file.getvalue()
     assert "fine-tune enc" in text and "3/3 steps" in text
+
+
+def test_off_a_terminal_a_transient_bar_prints_nothing_not_an_empty_line(capsys):
+    with progress.make_progress(transient=True) as bar:
+        task = bar.add_task("label efficiency", total=3)
+        bar.advance(task, 3)
+    print("after")
+    assert capsys.readouterr().out == "after\n"
+    # a lasting bar still prints its one final line, and no blank one
+    with progress.make_progress() as bar:
+        task = bar.add_task("extract", total=2)
+        bar.advance(task, 2)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("extract") and "2/2" in out
