@@ -334,6 +334,8 @@ def _run_view(args: argparse.Namespace) -> None:
     else:
         src = harness.resolve_source(str(run))
         ev = harness.prepare(src, data=args.data, baselines=False)
+        if not args.output:  # another --data than the run's: beside that data's results, not over the run's own
+            out = harness.results_dir_for(src, ev) / f"{args.kind}.png"
         train, test = ev.features[src.name]
         if args.kind == "retrieval":
             check_retrieval_sizes(args.queries, args.k, len(ev.train), len(ev.test), ev.spec)
@@ -460,7 +462,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         settings = {**kw, **({"linear_probe": harness.probe_settings()} if args.command == "probe" else {})}
         world = 1 if fabric is None else fabric.world_size
         extra = {**kw, "provenance": harness.provenance(ev, src, started, device, world, settings)}
-        path = harness.report(ev, args.command, rows, src.results_dir, extra=extra,
+        path = harness.report(ev, args.command, rows, harness.results_dir_for(src, ev), extra=extra,
                               name=harness.result_name(args.command, **kw))
         print(f"results: {path}")
 

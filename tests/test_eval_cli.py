@@ -320,3 +320,27 @@ def test_features_help_says_what_it_does_and_where_it_writes(tmp_path):
     assert r.returncode == 0
     assert "train and test splits" in text and "<run>/features/" in text and "safetensors" in text
     assert "probe, knn, sweep, plot and report read them from there" in text
+
+
+def test_results_on_other_data_or_size_do_not_overwrite_the_runs_own(run_dir):
+    from selfsup.eval.harness import data_label
+
+    own = run_dir / "eval" / "knn_k5.json"
+    r = run_cli("knn", str(run_dir), "--k", "5", "--no-baselines", cwd=run_dir.parent)  # digits at the run's 16 px
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"results: {own}" in r.stdout
+    before = own.read_bytes()
+    r = run_cli("knn", str(run_dir), "--k", "5", "--no-baselines", "--image-size", "8", cwd=run_dir.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    other = run_dir / "eval" / data_label("digits", 8) / "knn_k5.json"
+    assert data_label("digits", 8).startswith("digits-8px-")
+    assert f"results: {other}" in r.stdout and own.read_bytes() == before
+    assert json.loads(other.read_text())["provenance"]["data"]["image_size"] == "8"
+    # the same data named differently is still the run's own; --output is used as given
+    r = run_cli("knn", str(run_dir), "--k", "5", "--no-baselines", "--data", "digits", "--image-size", "16",
+                cwd=run_dir.parent)
+    assert f"results: {own}" in r.stdout
+    r = run_cli("knn", str(run_dir), "--k", "5", "--no-baselines", "--image-size", "8", "--output",
+                str(run_dir.parent / "mine"), cwd=run_dir.parent)
+    assert r.returncode == 0 and (run_dir.parent / "mine" / "knn_k5.json").is_file()
+    assert not (run_dir.parent / "mine" / "features").exists()  # a run's cache stays in the run

@@ -67,6 +67,8 @@ class EncoderSource:
     meta: dict = field(default_factory=dict)
     source: str | None = None
     skip_bad: bool = False  # the run was pretrained with --skip-bad-images: its evaluation skips them too
+    cache_dir: Path | None = None  # the feature cache (default: results_dir's parent's features/)
+    output_given: bool = False  # results_dir is the user's --output: never moved (see results_dir_for)
 
 
 def run_skip_bad(run_dir: Path) -> bool:
@@ -103,8 +105,11 @@ def resolve_source(source: str | None = None, random_init: str | None = None, ou
         raise ConfigError("give either a run or export directory, or --random-init BACKBONE")
     if random_init is not None:
         twin = _seeded(lambda: ImageEncoder(Backbone(random_init)))
-        out = Path(output) if output else Path("runs") / f"random-{random_init}" / "eval"
-        return EncoderSource(f"random-init {random_init}", twin(), out, None, None, twin, source=f"random-init:{random_init}")
+        home = Path("runs") / f"random-{random_init}"
+        out = Path(output) if output else home / "eval"
+        return EncoderSource(f"random-init {random_init}", twin(), out, None, None, twin,
+                             source=f"random-init:{random_init}", cache_dir=out / "features" if output else home / "features",
+                             output_given=output is not None)
     path = Path(source)
     export = path / "export" if (path / "export" / "config.json").is_file() else path
     if not (export / "config.json").is_file():
@@ -117,7 +122,49 @@ def resolve_source(source: str | None = None, random_init: str | None = None, ou
     name = f"{config['method']} ({run_dir.name})"
     results = Path(output) if output else run_dir / "eval"
     return EncoderSource(name, encoder, results, data_cfg.get("data"), data_cfg.get("image_size"), twin, config,
-                         str(export.resolve()), skip_bad=bool(data_cfg.get("skip_bad")) or run_skip_bad(run_dir))
+                         str(export.resolve()), skip_bad=bool(data_cfg.get("skip_bad")) or run_skip_bad(run_dir),
+                         cache_dir=run_dir / "features", output_given=output is not None)
+
+
+def same_data(a: str | None, b: str | None) -> bool:
+    """Whether two data specs name the same data (``imgs`` and ``/abs/imgs``, ``folder:X`` and ``X``)."""
+    if a is None or b is None:
+        return False
+    from selfsup.data.datasets import parse_spec
+
+    try:
+        return parse_spec(a) == parse_spec(b)
+    except ConfigError:
+        return a == b
+
+
+def data_label(spec: str, image_size: int) -> str:
+    """A folder name for results on other data: ``<data-name>-<size>px-<hash>``, e.g. ``cifar10-32px-1a2b3c``.
+
+    The name is the data's kind (``digits``, ``cifar10``) or a folder's own name; the short hash of its
+    resolved location and the size tells two folders of the same name apart.
+    """
+    import hashlib
+    import re
+
+    from selfsup.data.datasets import parse_spec
+
+    kind, root = parse_spec(spec)
+    name = root.name if kind == "folder" and root is not None else kind
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or kind
+    digest = hashlib.sha256(f"{kind}:{root}:{image_size}".encode()).hexdigest()[:6]
+    return f"{name}-{image_size}px-{digest}"
+
+
+def results_dir_for(src: EncoderSource, ev: EvalData) -> Path:
+    """Where results of ``src`` on ``ev`` go: ``--output`` when given; the run's ``eval/`` for the data and
+    image size it was trained on; else ``eval/<data-name>-<size>px-<hash>/`` (:func:`data_label`), so an
+    evaluation on other data or another size never overwrites the run's own results."""
+    if src.output_given:
+        return src.results_dir
+    size = int(ev.train.image_size)
+    own = same_data(ev.spec, src.data) and (src.image_size is None or int(src.image_size) == size)
+    return src.results_dir if own else src.results_dir / data_label(ev.spec, size)
 
 
 @dataclass
@@ -155,7 +202,7 @@ def prepare(
     None: as the run was pretrained (``--skip-bad-images``), else off.
     """
     spec = data or src.data or "digits"
-    size = image_size or (src.image_size if spec == src.data else None)
+    size = image_size or (src.image_size if same_data(spec, src.data) else None)
     skip = src.skip_bad if skip_bad is None else skip_bad
     train = load_dataset(spec, "train", image_size=size, skip_bad=skip)
     test = load_dataset(spec, "val", image_size=train.image_size, skip_bad=skip)
@@ -164,7 +211,7 @@ def prepare(
         if not src.name.startswith("random"):
             encoders["random init (same architecture)"] = src.random_twin()
         encoders["pixels"] = PixelEncoder(train.image_size)
-    cache = Path(cache_dir) if cache_dir else src.results_dir.parent / "features"
+    cache = Path(cache_dir) if cache_dir else (src.cache_dir or src.results_dir.parent / "features")
     feats = {}
     for name, enc in encoders.items():
         kw = dict(batch_size=batch_size, cache_dir=cache, dtype=dtype, progress=progress, **(trainer_kwargs or {}))
@@ -342,7 +389,7 @@ def sweep(
     gather: Callable[[dict], dict] | None = None,
     started: float | None = None,
 ) -> tuple[Path, Path] | None:
-    """Label-efficiency sweep of every encoder's cached features; JSON, table and PNG under ``src.results_dir``.
+    """Label-efficiency sweep of every encoder's cached features; JSON, table and PNG under :func:`results_dir_for`.
 
     ``finetune`` adds end-to-end fine-tuning of the encoder on each subset (method ``finetune``);
     ``supervised`` adds the same backbone trained from scratch on each subset, as its own line. With
@@ -390,5 +437,5 @@ def sweep(
                 "linear_probe": probe_settings()}
     result["provenance"] = provenance(ev, src, started, device, 1 if shard is None else shard[1], settings)
     print_sweep_table(result, make_console())
-    out = src.results_dir
+    out = results_dir_for(src, ev)
     return write_json(result, out / "sweep.json"), plot_sweep(result, out / "sweep.png")
