@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 import sys
 import typing
+from pathlib import Path
 
 from selfsup.errors import SelfsupError
 
@@ -209,7 +211,9 @@ def _positive_float(text: str) -> float:
 
 def build_eval_parsers(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("source", nargs="?", help="a run directory (runs/<name>) or an export directory")
+    common.add_argument("source", nargs="?", help="a run directory (runs/<name>), an export directory, or a "
+                        "Lightning checkpoint of a run (runs/<name>/checkpoints/last.ckpt; results then go to "
+                        "runs/<name>/eval/checkpoint-last/)")
     common.add_argument("--random-init", metavar="BACKBONE", help="evaluate a randomly initialised BACKBONE instead")
     common.add_argument("--data", help="dataset spec (default: the run's training data)")
     common.add_argument("--image-size", type=_positive, help="resize images to this size (default: the run's)")
@@ -220,7 +224,8 @@ def build_eval_parsers(sub) -> None:
                         "was pretrained; off for an export directory or --random-init)")
     common.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="skip the random-init and raw-pixel baselines")
-    common.add_argument("--output", help="results directory (default: <run>/eval)")
+    common.add_argument("--output", help="results directory, created if missing (default: <run>/eval, or "
+                        "<run>/eval/<data-name>-<size>px-<hash>/ for other data or another image size)")
     common.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda", "mps"],
                         help="where features are extracted: cpu, gpu (= cuda), mps or auto (default: auto)")
     common.add_argument("--devices", type=_devices, default=1,
@@ -277,7 +282,9 @@ def build_view_parsers(sub) -> None:
                        "table, label-efficiency curves of all runs (from `selfsup sweep`), training curves, "
                        "nearest-neighbour retrieval, an embedding map and, where a run has them, samples.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (runs/<name>)")
-    p.add_argument("-o", "--output", default="report.html", help="the page to write (default: report.html)")
+    p.add_argument("-o", "--output", default="report.html",
+                   help="the page to write, or a folder (existing, or ending in /) to write report.html in; folders "
+                   "are created (default: report.html)")
     p.add_argument("--data", help="dataset spec to evaluate on (default: each run's training data)")
     p.add_argument("--no-pictures", dest="pictures", action="store_false",
                    help="tables and curves only: no retrieval grid or embedding map")
@@ -287,7 +294,8 @@ def build_view_parsers(sub) -> None:
                        "(PCA, or t-SNE with --tsne); curves: training curves from metrics.csv.")
     p.add_argument("run", metavar="RUN", help="a run directory (runs/<name>)")
     p.add_argument("kind", choices=["retrieval", "embedding", "curves"], help="which picture")
-    p.add_argument("-o", "--output", help="PNG path (default: RUN/eval/<kind>.png)")
+    p.add_argument("-o", "--output", help="PNG path (.png is added when it has no suffix), or a folder (existing, "
+                   "or ending in /) to write <kind>.png in; folders are created (default: RUN/eval/<kind>.png)")
     p.add_argument("--data", help="dataset spec (default: the run's training data)")
     p.add_argument("--tsne", action="store_true", help="embedding: t-SNE instead of PCA (slower)")
     p.add_argument("--queries", type=_positive, default=8, help="retrieval: query images (default: 8)")
@@ -315,20 +323,30 @@ def check_retrieval_sizes(queries: int, k: int, n_train: int, n_test: int, data:
         raise ConfigError(f"--k {k} is more than the {n_train} training images of {data}; give at most {n_train}")
 
 
-def _run_view(args: argparse.Namespace) -> None:
-    from pathlib import Path
+def output_file(given: str | None, default: Path, name: str) -> Path:
+    """Where ``-o`` writes: ``default`` without it; ``DIR/name`` for a folder (existing, or given with a
+    trailing ``/``); else the path, with ``name``'s suffix added when it has none."""
+    if not given:
+        return default
+    path = Path(given)
+    if path.is_dir() or given.endswith(("/", os.sep)):
+        return path / name
+    return path if path.suffix else path.with_name(path.name + Path(name).suffix)
 
+
+def _run_view(args: argparse.Namespace) -> None:
     if args.command == "report":
         from selfsup.eval.page import write_report
 
-        path = write_report(args.runs, args.output, data=args.data, pictures=args.pictures, progress=True)
+        out = output_file(args.output, Path("report.html"), "report.html")
+        path = write_report(args.runs, out, data=args.data, pictures=args.pictures, progress=True)
         print(f"report: {path} (open it in a browser; it needs no network)")
         return
     from selfsup.eval import harness, viz
     from selfsup.eval.page import _run_dir
 
     run = _run_dir(args.run)
-    out = Path(args.output) if args.output else run / "eval" / f"{args.kind}.png"
+    out = output_file(args.output, run / "eval" / f"{args.kind}.png", f"{args.kind}.png")
     if args.kind == "curves":
         fig = viz.training_curves(run / "metrics.csv", title=run.name)
     else:
@@ -413,6 +431,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     import torch
 
+    from selfsup.errors import ConfigError
     from selfsup.eval import harness
 
     started = time.perf_counter()
@@ -424,6 +443,9 @@ def _run_eval(args: argparse.Namespace) -> None:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and fabric is not None:
         device = f"cuda:{fabric.local_rank}"
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output} is a file; --output takes the results directory (the JSON "
+                          "files, and a sweep's PNG, are written into it)")
     src = harness.resolve_source(args.source, args.random_init, args.output)
     trainer_kwargs = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes,
                       "strategy": args.strategy}

@@ -85,7 +85,8 @@ def test_random_init_source(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["probe", "/no/such/run"], "neither a run directory"),
+    (["probe", "/no/such/run"], "/no/such/run does not exist: /no/such does not exist either (selfsup pretrain "
+                                "writes runs/<name>/"),
     (["probe"], "either a run or export directory"),
 ])
 def test_eval_errors_are_one_line(tmp_path, args, message):
@@ -344,3 +345,47 @@ def test_results_on_other_data_or_size_do_not_overwrite_the_runs_own(run_dir):
                 str(run_dir.parent / "mine"), cwd=run_dir.parent)
     assert r.returncode == 0 and (run_dir.parent / "mine" / "knn_k5.json").is_file()
     assert not (run_dir.parent / "mine" / "features").exists()  # a run's cache stays in the run
+
+
+def test_not_found_messages_say_what_was_looked_for_and_where(run_dir):
+    cwd = run_dir.parent.parent  # runs live in <cwd>/<runs folder>/tiny
+    runs = run_dir.parent.name
+    r = run_cli("probe", f"{runs}/tinyy", cwd=cwd)
+    one_line_error(r, f"{runs}/tinyy does not exist: did you mean {runs}/tiny?")
+    r = run_cli("knn", f"{runs}/zzzzzz", cwd=cwd)
+    one_line_error(r, f"{runs}/zzzzzz does not exist: the runs in {runs}/ are: ")
+    r = run_cli("sweep", runs, cwd=cwd)
+    one_line_error(r, f"{runs} is a folder of runs (")
+    r = run_cli("plot", f"{runs}/tinyy", "curves", cwd=cwd)
+    one_line_error(r, f"{runs}/tinyy does not exist: did you mean {runs}/tiny?")
+    r = run_cli("report", str(run_dir / "checkpoints" / "last.ckpt"), cwd=cwd)
+    one_line_error(r, "is a checkpoint, and this command takes a run directory: pass ")
+
+
+def test_a_lightning_checkpoint_is_evaluated_beside_not_over_the_run(run_dir):
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    r = run_cli("knn", str(ckpt), "--no-baselines", "--k", "7", cwd=run_dir.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = run_dir / "eval" / "checkpoint-last" / "knn_k7.json"
+    assert f"results: {out}" in r.stdout and not (run_dir / "eval" / "knn_k7.json").exists()
+    res = json.loads(out.read_text())
+    assert res["provenance"]["encoder"]["source"] == str(ckpt.resolve())
+    assert res["provenance"]["data"]["image_size"] == "16"  # the run's size, from its config
+    (name,) = res["results"]
+    assert name.startswith("rotation (tiny, last.ckpt")
+
+
+def test_output_paths_are_honoured_and_created(run_dir, tmp_path):
+    (tmp_path / "afile.json").write_text("{}")
+    r = run_cli("knn", str(run_dir), "--no-baselines", "--output", str(tmp_path / "afile.json"), cwd=tmp_path)
+    one_line_error(r, "afile.json is a file; --output takes the results directory")
+    r = run_cli("knn", str(run_dir), "--no-baselines", "--output", str(tmp_path / "new" / "deep"), cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "new" / "deep" / "knn_k20.json").is_file()
+    (tmp_path / "pics").mkdir()
+    for given, written in (("pics", "pics/curves.png"), ("more/pics/", "more/pics/curves.png"), ("c", "c.png")):
+        r = run_cli("plot", str(run_dir), "curves", "-o", given, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"curves: {written}" in r.stdout and (tmp_path / written).is_file()
+    r = run_cli("report", str(run_dir), "--no-pictures", "-o", "pics", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "pics" / "report.html").is_file() and not list(tmp_path.glob("*.tmp"))

@@ -100,9 +100,10 @@ def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 
 
 def resolve_source(source: str | None = None, random_init: str | None = None, output: str | None = None) -> EncoderSource:
-    """An encoder from a run directory, an export directory, or ``random_init`` (a backbone name)."""
+    """An encoder from a run directory, an export directory, a Lightning ``.ckpt`` of a run, or ``random_init``
+    (a backbone name)."""
     if (source is None) == (random_init is None):
-        raise ConfigError("give either a run or export directory, or --random-init BACKBONE")
+        raise ConfigError("give either a run or export directory (or a .ckpt file), or --random-init BACKBONE")
     if random_init is not None:
         twin = _seeded(lambda: ImageEncoder(Backbone(random_init)))
         home = Path("runs") / f"random-{random_init}"
@@ -111,9 +112,11 @@ def resolve_source(source: str | None = None, random_init: str | None = None, ou
                              source=f"random-init:{random_init}", cache_dir=out / "features" if output else home / "features",
                              output_given=output is not None)
     path = Path(source)
+    if path.is_file() and path.suffix == ".ckpt":
+        return _checkpoint_source(path, output)
     export = path / "export" if (path / "export" / "config.json").is_file() else path
     if not (export / "config.json").is_file():
-        raise ConfigError(f"{path} is neither a run directory (with export/) nor an export directory")
+        raise ConfigError(not_an_encoder_message(path))
     encoder = load_encoder(export)
     config = encoder.config
     run_dir = export.parent if export.name == "export" else export
@@ -124,6 +127,81 @@ def resolve_source(source: str | None = None, random_init: str | None = None, ou
     return EncoderSource(name, encoder, results, data_cfg.get("data"), data_cfg.get("image_size"), twin, config,
                          str(export.resolve()), skip_bad=bool(data_cfg.get("skip_bad")) or run_skip_bad(run_dir),
                          cache_dir=run_dir / "features", output_given=output is not None)
+
+
+def _checkpoint_source(path: Path, output: str | None) -> EncoderSource:
+    """The encoder of a Lightning ``.ckpt`` of a run; its results go to ``<run>/eval/checkpoint-<name>/``.
+
+    The checkpoint's weights are not the run's exported encoder, so its results never overwrite the
+    run's own; data, image size and --skip-bad-images come from the run's config (its export's when
+    there is one).
+    """
+    import yaml
+
+    encoder = load_encoder(path)
+    config = encoder.config
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    data_cfg: dict = {}
+    for cfg_path in (run_dir / "export" / "config.json", run_dir / "config.yaml"):
+        if cfg_path.is_file() and not data_cfg.get("data"):
+            try:
+                cfg = yaml.safe_load(cfg_path.read_text()) or {}  # JSON is YAML
+            except yaml.YAMLError:
+                continue
+            data_cfg = (cfg.get("data") if isinstance(cfg, dict) else None) or {}
+    data_cfg = {**(config.get("data") or {}), **data_cfg}
+    twin = _seeded(lambda: METHODS[config["method"]](**config["hparams"]).encoder())
+    step = config.get("global_step")
+    name = f"{config['method']} ({run_dir.name}, {path.name}{f', step {step}' if step is not None else ''})"
+    results = Path(output) if output else run_dir / "eval" / f"checkpoint-{path.stem}"
+    return EncoderSource(name, encoder, results, data_cfg.get("data"), data_cfg.get("image_size"), twin, config,
+                         str(path.resolve()), skip_bad=bool(data_cfg.get("skip_bad")) or run_skip_bad(run_dir),
+                         cache_dir=run_dir / "features", output_given=output is not None)
+
+
+def _runs_in(folder: Path) -> list[str]:
+    """Names of the run directories (with export/ or checkpoints/) in ``folder``."""
+    try:
+        return sorted(p.name for p in folder.iterdir()
+                      if p.is_dir() and ((p / "export" / "config.json").is_file() or (p / "checkpoints").is_dir()))
+    except OSError:
+        return []
+
+
+def not_an_encoder_message(path: Path, what: str = "a run directory (runs/<name>), its export/ or a .ckpt file") -> str:
+    """Why ``path`` is no encoder, specifically: missing (with the nearest runs beside it, or where runs
+    live), a run without an export (with its newest checkpoint), or a folder or file of another kind."""
+    import difflib
+
+    if not path.exists():
+        folder = path.parent if str(path.parent) not in ("", ".") else Path("runs")
+        if not folder.is_dir() and str(path.parent) in ("", "."):
+            folder = Path(".")
+        names = _runs_in(folder) if folder.is_dir() else []
+        close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+        if close:
+            hint = "did you mean " + " or ".join(str(folder / c) for c in close) + "?"
+        elif names:
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            hint = f"the runs in {folder}/ are: {shown}"
+        elif folder.is_dir():
+            hint = (f"{folder.resolve()} holds no run (selfsup pretrain writes runs/<name>/; pass {what})")
+        else:
+            hint = f"{folder} does not exist either (selfsup pretrain writes runs/<name>/; pass {what})"
+        return f"{path} does not exist: {hint}"
+    if path.is_dir():
+        ckpts = sorted((path / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime) \
+            if (path / "checkpoints").is_dir() else []
+        inside = _runs_in(path)
+        if inside:
+            shown = ", ".join(inside[:8]) + (f" and {len(inside) - 8} more" if len(inside) > 8 else "")
+            return f"{path} is a folder of runs ({shown}): pass one of them, e.g. {path / inside[0]}"
+        if ckpts:
+            return (f"{path} is a run without an exported encoder (no export/config.json: its pretraining has not "
+                    f"finished); evaluate a checkpoint instead, e.g. {ckpts[-1]}")
+        return (f"{path} is neither a run directory (no export/config.json) nor an export directory (no config.json); "
+                f"pass {what}")
+    return f"{path} is a file, not {what}"
 
 
 def same_data(a: str | None, b: str | None) -> bool:
