@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.data.datasets import load_dataset
-from selfsup.errors import ConfigError
+from selfsup.errors import ConfigError, SelfsupError
 from selfsup.eval.features import Features, data_fingerprint, extract_features, sample_keys
 from selfsup.eval.shard import Shard
 from selfsup.ssl.backbone import Backbone
@@ -212,7 +212,7 @@ def same_data(a: str | None, b: str | None) -> bool:
 
     try:
         return parse_spec(a) == parse_spec(b)
-    except ConfigError:
+    except SelfsupError:  # e.g. "cifar10:" without a root
         return a == b
 
 
