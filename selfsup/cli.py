@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 import sys
 import typing
+from pathlib import Path
 
 from selfsup.errors import SelfsupError
 
@@ -209,16 +211,23 @@ def _positive_float(text: str) -> float:
 
 def build_eval_parsers(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("source", nargs="?", help="a run directory (runs/<name>) or an export directory")
+    common.add_argument("source", nargs="?", help="a run directory (runs/<name>), an export directory, or a "
+                        "Lightning checkpoint of a run (runs/<name>/checkpoints/last.ckpt; results then go to "
+                        "runs/<name>/eval/checkpoint-last/)")
     common.add_argument("--random-init", metavar="BACKBONE", help="evaluate a randomly initialised BACKBONE instead")
     common.add_argument("--data", help="dataset spec (default: the run's training data)")
-    common.add_argument("--image-size", type=int, help="resize images to this size (default: the run's)")
-    common.add_argument("--batch-size", type=int, default=256, help="extraction batch size (default: 256)")
+    common.add_argument("--image-size", type=_positive, help="resize images to this size (default: the run's)")
+    common.add_argument("--batch-size", type=_positive, default=256, help="extraction batch size (default: 256)")
     common.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="feature storage dtype")
+    common.add_argument("--skip-bad-images", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,
+                        help="skip (and count) corrupt or non-image files instead of stopping (default: as the run "
+                        "was pretrained; off for an export directory or --random-init)")
     common.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="skip the random-init and raw-pixel baselines")
-    common.add_argument("--output", help="results directory (default: <run>/eval)")
-    common.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
+    common.add_argument("--output", help="results directory, created if missing (default: <run>/eval, or "
+                        "<run>/eval/<data-name>-<size>px-<hash>/ for other data or another image size)")
+    common.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda", "mps"],
+                        help="where features are extracted: cpu, gpu (= cuda), mps or auto (default: auto)")
     common.add_argument("--devices", type=_devices, default=1,
                         help="devices per node for extraction and, with --strategy ddp, for the fits: a sweep "
                         "spreads its fits over them, a probe splits its training rows over them (DDP when > 1)")
@@ -230,7 +239,13 @@ def build_eval_parsers(sub) -> None:
     common.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the probe, kNN and sweep fits run (default: auto, cuda when torch sees a GPU)")
     sub.add_parser("features", parents=[common], help="extract and cache features of the train and test splits",
-                   description="Extract features once (frozen encoder, eval mode, no augmentation) and cache them.")
+                   description="Run the frozen encoder (eval mode, no augmentation) over every image of the data's "
+                   "train and test splits, and of the baselines (a random-init encoder of the same architecture, "
+                   "raw pixels; --no-baselines skips them), and cache the features, one safetensors file per "
+                   "encoder and split, in <run>/features/ (--random-init: in the --output folder's features/, "
+                   "default runs/random-<BACKBONE>/features/). probe, knn, sweep, plot and report read them from "
+                   "there instead of extracting again; a cached file is reused, not rewritten. Prints each "
+                   "encoder's train and test feature shapes and files.")
     sub.add_parser("probe", parents=[common], help="linear probe on cached features, with baselines",
                    description="Multinomial logistic regression on standardised cached features, L2 strength "
                    "chosen on held-out training labels; the random-init floor and raw pixels beside. With "
@@ -251,12 +266,13 @@ def build_eval_parsers(sub) -> None:
     p.add_argument("--subset-file", dest="subset_files", action="append", default=[], metavar="FILE",
                    help="a standard subset: one image file name or relative path per line (e.g. SimCLR's ImageNet "
                    "1percent.txt / 10percent.txt; not shipped); repeatable")
-    p.add_argument("--seeds", type=int, default=3, help="subset seeds (default: 3)")
+    p.add_argument("--seeds", type=_positive, default=3, help="subset seeds (default: 3)")
     p.add_argument("--methods", default="linear,knn", help="linear, knn or both (default: linear,knn)")
     p.add_argument("--finetune", action="store_true", help="also fine-tune the whole encoder on each subset (slow)")
     p.add_argument("--supervised", action="store_true",
                    help="also train the same backbone from scratch on each subset (the supervised baseline)")
-    p.add_argument("--finetune-steps", type=int, default=300, help="training steps per subset for --finetune/--supervised")
+    p.add_argument("--finetune-steps", type=_positive, default=300,
+                   help="training steps per subset for --finetune/--supervised (default: 300)")
 
 
 def build_view_parsers(sub) -> None:
@@ -266,7 +282,9 @@ def build_view_parsers(sub) -> None:
                        "table, label-efficiency curves of all runs (from `selfsup sweep`), training curves, "
                        "nearest-neighbour retrieval, an embedding map and, where a run has them, samples.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (runs/<name>)")
-    p.add_argument("-o", "--output", default="report.html", help="the page to write (default: report.html)")
+    p.add_argument("-o", "--output", default="report.html",
+                   help="the page to write, or a folder (existing, or ending in /) to write report.html in; folders "
+                   "are created (default: report.html)")
     p.add_argument("--data", help="dataset spec to evaluate on (default: each run's training data)")
     p.add_argument("--no-pictures", dest="pictures", action="store_false",
                    help="tables and curves only: no retrieval grid or embedding map")
@@ -276,7 +294,8 @@ def build_view_parsers(sub) -> None:
                        "(PCA, or t-SNE with --tsne); curves: training curves from metrics.csv.")
     p.add_argument("run", metavar="RUN", help="a run directory (runs/<name>)")
     p.add_argument("kind", choices=["retrieval", "embedding", "curves"], help="which picture")
-    p.add_argument("-o", "--output", help="PNG path (default: RUN/eval/<kind>.png)")
+    p.add_argument("-o", "--output", help="PNG path (.png is added when it has no suffix), or a folder (existing, "
+                   "or ending in /) to write <kind>.png in; folders are created (default: RUN/eval/<kind>.png)")
     p.add_argument("--data", help="dataset spec (default: the run's training data)")
     p.add_argument("--tsne", action="store_true", help="embedding: t-SNE instead of PCA (slower)")
     p.add_argument("--queries", type=_positive, default=8, help="retrieval: query images (default: 8)")
@@ -284,33 +303,60 @@ def build_view_parsers(sub) -> None:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
-def _run_view(args: argparse.Namespace) -> None:
-    from pathlib import Path
+def check_retrieval_sizes(queries: int, k: int, n_train: int, n_test: int, data: str) -> None:
+    """A one-line :class:`ConfigError` when ``plot retrieval`` asks for more queries or neighbours than the data has."""
+    from selfsup.errors import ConfigError
 
+    if queries > n_test:
+        raise ConfigError(f"--queries {queries} is more than the {n_test} test images of {data}; "
+                          f"give at most {n_test}")
+    if k > n_train:
+        raise ConfigError(f"--k {k} is more than the {n_train} training images of {data}; give at most {n_train}")
+
+
+def output_file(given: str | None, default: Path, name: str) -> Path:
+    """Where ``-o`` writes: ``default`` without it; ``DIR/name`` for a folder (existing, or given with a
+    trailing ``/``); else the path, with ``name``'s suffix added when it has none."""
+    if not given:
+        return default
+    path = Path(given)
+    if path.is_dir() or given.endswith(("/", os.sep)):
+        return path / name
+    return path if path.suffix else path.with_name(path.name + Path(name).suffix)
+
+
+def _run_view(args: argparse.Namespace) -> None:
     if args.command == "report":
         from selfsup.eval.page import write_report
 
-        path = write_report(args.runs, args.output, data=args.data, pictures=args.pictures, progress=True)
+        out = output_file(args.output, Path("report.html"), "report.html")
+        path = write_report(args.runs, out, data=args.data, pictures=args.pictures, progress=True)
         print(f"report: {path} (open it in a browser; it needs no network)")
         return
     from selfsup.eval import harness, viz
     from selfsup.eval.page import _run_dir
 
     run = _run_dir(args.run)
-    out = Path(args.output) if args.output else run / "eval" / f"{args.kind}.png"
+    out = output_file(args.output, run / "eval" / f"{args.kind}.png", f"{args.kind}.png")
     if args.kind == "curves":
         fig = viz.training_curves(run / "metrics.csv", title=run.name)
     else:
         src = harness.resolve_source(str(run))
         ev = harness.prepare(src, data=args.data, baselines=False)
+        if not args.output:  # another --data than the run's: beside that data's results, not over the run's own
+            out = harness.results_dir_for(src, ev) / f"{args.kind}.png"
         train, test = ev.features[src.name]
         if args.kind == "retrieval":
+            check_retrieval_sizes(args.queries, args.k, len(ev.train), len(ev.test), ev.spec)
             fig = viz.retrieval_grid(ev.train, ev.test, train.x, test.x, queries=args.queries, k=args.k, title=src.name)
         else:
             fig = viz.embedding_map(test.x, test.y, ev.test.classes, method="tsne" if args.tsne else "pca",
@@ -364,6 +410,22 @@ def skipped_ks_note(ks, labels) -> str | None:
             "so those budgets are the same subset as 'all'")
 
 
+def check_devices(accelerator: str = "auto", device: str = "auto") -> None:
+    """A one-line :class:`ConfigError` when ``--accelerator`` or ``--device`` names hardware torch does not see."""
+    import torch
+
+    from selfsup.errors import ConfigError
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was given, but torch sees no CUDA GPU here (use --device cpu or auto)")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--accelerator {accelerator} was given, but torch sees no CUDA GPU here "
+                          "(use --accelerator cpu or auto)")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--accelerator mps was given, but torch sees no Apple MPS device here "
+                          "(use --accelerator cpu or auto)")
+
+
 def _run_eval(args: argparse.Namespace) -> None:
     import time
 
@@ -373,8 +435,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     from selfsup.eval import harness
 
     started = time.perf_counter()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was given, but torch sees no CUDA GPU here")
+    check_devices(args.accelerator, args.device)
     fabric = None
     if args.command in ("sweep", "probe") and _eval_world(args) > 1:
         # every rank extracts its share, then runs its share of the sweep's fits, or its rows of each probe
@@ -382,11 +443,14 @@ def _run_eval(args: argparse.Namespace) -> None:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and fabric is not None:
         device = f"cuda:{fabric.local_rank}"
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output} is a file; --output takes the results directory (the JSON "
+                          "files, and a sweep's PNG, are written into it)")
     src = harness.resolve_source(args.source, args.random_init, args.output)
     trainer_kwargs = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes,
                       "strategy": args.strategy}
     ev = harness.prepare(src, args.data, args.image_size, baselines=args.baselines, dtype=args.dtype,
-                         batch_size=args.batch_size, trainer_kwargs=trainer_kwargs)
+                         batch_size=args.batch_size, trainer_kwargs=trainer_kwargs, skip_bad=args.skip_bad)
     from selfsup.train import is_launcher_rank_zero
 
     if args.command == "sweep":
@@ -396,9 +460,12 @@ def _run_eval(args: argparse.Namespace) -> None:
                               finetune_steps=args.finetune_steps, subset_files=args.subset_files, device=device,
                               shard=shard, gather=None if fabric is None else _gather_dicts, started=started)
         if paths is not None:
+            import json
+
             print(f"results: {paths[0]}  plot: {paths[1]}")
-            note = skipped_ks_note(args.ks, ev.train.labels)
-            if note:
+            notes = (skipped_ks_note(args.ks, ev.train.labels),
+                     harness.classes_under_k_note(json.loads(paths[0].read_text())))
+            for note in filter(None, notes):
                 print(note)
         return
     if fabric is None and not is_launcher_rank_zero():  # extraction was distributed; kNN runs once, on rank 0
@@ -417,7 +484,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         settings = {**kw, **({"linear_probe": harness.probe_settings()} if args.command == "probe" else {})}
         world = 1 if fabric is None else fabric.world_size
         extra = {**kw, "provenance": harness.provenance(ev, src, started, device, world, settings)}
-        path = harness.report(ev, args.command, rows, src.results_dir, extra=extra,
+        path = harness.report(ev, args.command, rows, harness.results_dir_for(src, ev), extra=extra,
                               name=harness.result_name(args.command, **kw))
         print(f"results: {path}")
 
@@ -490,10 +557,11 @@ def main(argv: list[str] | None = None) -> int:
             samples = result.run_dir / "samples"
             shown = f", samples in {samples}" if samples.is_dir() else ""
             print(f"run written to {result.run_dir} (encoder in {result.run_dir / 'export'}{shown})")
-        elif args.command in ("features", "probe", "knn", "sweep"):
-            _run_eval(args)
-        elif args.command in ("report", "plot"):
-            _run_view(args)
+        elif args.command in ("features", "probe", "knn", "sweep", "report", "plot"):
+            from selfsup.quiet import one_line_warnings
+
+            with one_line_warnings():
+                (_run_view if args.command in ("report", "plot") else _run_eval)(args)
         elif args.command == "demo":
             from selfsup.demo import run_demo
 

@@ -2,7 +2,9 @@
 
 Rich animates a bar in a terminal, and in Jupyter through an ipywidgets output area. Without
 ipywidgets rich can only warn (``install "ipywidgets" for Jupyter support``) on every bar, so there a
-bar goes to a plain console instead: it prints its final line once, when it finishes.
+bar goes to a plain console instead: it prints its final line once, when it finishes. The same holds
+off a terminal (output piped or logged): a bar prints its final line once, and a transient bar
+(removed when done) prints nothing, not an empty line.
 """
 
 from __future__ import annotations
@@ -31,13 +33,18 @@ def make_progress(*columns, enabled: bool = True, transient: bool = False, conso
     Args:
         columns: rich columns; :data:`COLUMNS` when none are given.
         enabled: False draws nothing at all.
-        transient: remove the bar when it finishes (else its final line stays).
+        transient: remove the bar when it finishes (else its final line stays); off a terminal (a log, a
+            pipe) such a bar draws nothing.
         console: where to draw; a new console on stdout (see :func:`console_kwargs`) when None.
     """
     if console is None:
         console = Console(**console_kwargs())
         if not (console.is_terminal or console.is_jupyter):  # a log or a pipe: 120 columns, not rich's 80
             console = Console(**console_kwargs(), width=max(console.width, 120))
+    if transient and not (console.is_terminal or console.is_jupyter):
+        # off a terminal a bar only prints its final line, and a transient bar has none: rich printed an
+        # empty line instead (`selfsup sweep ... | cat`). Draw nothing.
+        enabled = False
     return Progress(*(columns or COLUMNS), console=console, disable=not enabled, transient=transient)
 
 

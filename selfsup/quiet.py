@@ -1,15 +1,21 @@
 """Silence Lightning's start-up chatter for the short internal Trainers (extraction, probes, fine-tuning).
 
 A user's own ``selfsup pretrain`` keeps Lightning's messages; the helper Trainers that the evaluation
-harness starts dozens of times do not need to announce the absence of TPUs each time.
+harness starts dozens of times do not need to announce the absence of TPUs each time. selfsup's own
+warnings (skipped images, mixed image sizes) print as one ``selfsup: warning: ...`` line each
+(:func:`one_line_warnings`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
 
 _LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
 _MESSAGES = (
@@ -37,3 +43,42 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+_SELFSUP_DIR = str(Path(__file__).resolve().parent)
+_PER_IMAGE = "skipping bad image"  # a streamed folder's per-file warning (it comes from each bad file)
+
+
+@contextlib.contextmanager
+def one_line_warnings(stream: TextIO | None = None) -> Iterator[None]:
+    """Within the block, selfsup's own warnings print as one ``selfsup: warning: ...`` line, each once.
+
+    Python's default shows a warning as ``path/datasets.py:767: UserWarning: ...`` followed by the
+    source line that raised it; a streamed folder with ``--skip-bad-images`` warned once per bad file.
+    Here a warning raised in selfsup's code (or a skipped image) is one line on ``stream`` (stderr): a
+    message already shown is not repeated, and of the per-image skip warnings only the first is shown
+    (the others are skipped without a line). Other libraries' warnings keep Python's format.
+    """
+    shown: set[str] = set()
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        ours = str(filename).startswith(_SELFSUP_DIR) or text.startswith(_PER_IMAGE)
+        if not ours:
+            return original(message, category, filename, lineno, file, line)
+        key = _PER_IMAGE if text.startswith(_PER_IMAGE) else text
+        if key in shown:
+            return None
+        shown.add(key)
+        if key == _PER_IMAGE:  # the error's "..., or pass skip_bad=True (...) to skip bad files" is moot here
+            text = re.sub(r":? replace or remove it,? or pass skip_bad=True \([^)]*\) to skip bad files\.?$", "", text)
+            text += " (further bad images are skipped without a line each)"
+        print(f"selfsup: warning: {text}", file=stream or sys.stderr, flush=True)
+        return None
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original

@@ -203,3 +203,24 @@ def test_sharded_sweep_equals_one_process():
                        for m, entries in by_method.items()} for name, by_method in res["results"].items()}
 
     assert strip(sharded) == strip(single)
+
+
+def test_classes_with_fewer_than_k_images_are_recorded():
+    from selfsup.eval.harness import classes_under_k_note, name_classes
+
+    tx, ty, vx, vy = blob_features(1)
+    keep = np.flatnonzero((ty != 2) | (np.arange(len(ty)) % 15 < 6))  # class 2 keeps 6 of its 15 images
+    res = label_efficiency_sweep({"enc": (tx[keep], ty[keep], vx, vy)}, ks=(1, 5, 10, None), seeds=(0,),
+                                 methods=("knn",), progress=False)
+    by_name = {b["name"]: b for b in res["budgets"]}
+    assert by_name["k=1"]["classes_under_k"] == [] and by_name["k=5"]["classes_under_k"] == []
+    assert by_name["k=10"]["classes_under_k"] == [{"class": 2, "n": 6}]
+    assert by_name["k=10"]["n_labels"] == 3 * 10 + 6
+    assert res["classes_under_k"] == {"k=10": {"2": 6}}
+    json.loads(json.dumps(res, allow_nan=False))
+    name_classes(res, ["ant", "bee", "cat", "dog"])
+    assert res["classes_under_k"] == {"k=10": {"cat": 6}} and by_name["k=10"]["classes_under_k"][0]["name"] == "cat"
+    assert classes_under_k_note(res) == ("note: k=10: 1 class has fewer than 10 training images, so that budget "
+                                         "uses all of them: cat (6)")
+    full = label_efficiency_sweep({"enc": (tx, ty, vx, vy)}, ks=(5,), seeds=(0,), methods=("knn",), progress=False)
+    assert full["classes_under_k"] == {} and classes_under_k_note(full) is None

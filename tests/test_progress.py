@@ -42,3 +42,63 @@ def test_training_bar_names_the_last_epoch_only_when_there_is_one(max_epochs, ex
     bar = progress.lightning_bar()
     bar._trainer = SimpleNamespace(max_epochs=max_epochs)  # what the bar reads of its trainer
     assert bar._get_train_description(3).strip() == expected
+
+
+def _recording_progress(record: list):
+    """A stand-in for make_progress that draws on a forced 120-column terminal and keeps each console."""
+    import io
+
+    def make(*columns, enabled=True, transient=False, console=None):
+        console = rich.console.Console(file=io.StringIO(), force_terminal=True, color_system=None, width=120)
+        record.append(console)
+        return progress.Progress(*(columns or progress.COLUMNS), console=console, disable=not enabled)
+
+    return make
+
+
+def test_sweep_bar_counts_fits(monkeypatch):
+    import numpy as np
+
+    from selfsup.eval import label_efficiency
+
+    consoles: list = []
+    monkeypatch.setattr(label_efficiency, "make_progress", _recording_progress(consoles))
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(2), 6)
+    x = (rng.normal(size=(12, 4)) + y[:, None]).astype(np.float32)
+    label_efficiency.label_efficiency_sweep({"enc": (x, y, x, y)}, ks=(1, None), seeds=(0,), methods=("knn",))
+    text = consoles[0].file.getvalue()
+    assert "2/2 fits" in text  # k=1 and all, one kNN fit each
+
+
+def test_fine_tune_bar_counts_steps(monkeypatch):
+    import numpy as np
+    import torch
+
+    from selfsup.data.datasets import load_dataset
+    from selfsup.eval import finetune
+    from selfsup.ssl.backbone import Backbone
+    from selfsup.ssl.module import ImageEncoder
+
+    consoles: list = []
+    monkeypatch.setattr(finetune, "make_progress", _recording_progress(consoles))
+    torch.manual_seed(0)
+    train = load_dataset("digits", "train", image_size=8)
+    finetune.train_classifier(ImageEncoder(Backbone("convnet_small")), train, load_dataset("digits", "val", image_size=8),
+                              np.arange(20), 10, steps=3, batch_size=8, accelerator="cpu", progress="fine-tune enc")
+    text = consoles[0].file.getvalue()
+    assert "fine-tune enc" in text and "3/3 steps" in text
+
+
+def test_off_a_terminal_a_transient_bar_prints_nothing_not_an_empty_line(capsys):
+    with progress.make_progress(transient=True) as bar:
+        task = bar.add_task("label efficiency", total=3)
+        bar.advance(task, 3)
+    print("after")
+    assert capsys.readouterr().out == "after\n"
+    # a lasting bar still prints its one final line, and no blank one
+    with progress.make_progress() as bar:
+        task = bar.add_task("extract", total=2)
+        bar.advance(task, 2)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("extract") and "2/2" in out

@@ -131,7 +131,7 @@ def test_report_page_is_well_formed_and_every_image_decodes(tmp_path):
     proc = run_cli("plot", runs[0], "retrieval", "-o", str(tmp_path / "r.png"), "--k", "4", cwd=tmp_path)
     assert proc.returncode == 0 and (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG", proc.stderr
     proc = run_cli("plot", str(tmp_path), "curves", cwd=tmp_path)
-    assert proc.returncode == 2 and "is not a run directory" in proc.stderr
+    assert proc.returncode == 2 and f"{tmp_path} is a folder of runs (cpc, rotation): pass one of them" in proc.stderr
 
 
 def test_report_label_efficiency_draws_every_runs_own_floor_in_its_colour(tmp_path):

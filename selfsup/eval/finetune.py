@@ -22,7 +22,45 @@ from torch.utils.data import DataLoader, Subset
 from selfsup.data.datasets import batch_collate
 from selfsup.data.transforms import make_augment, to_float
 from selfsup.errors import ConfigError
+from selfsup.progress import make_progress
 from selfsup.quiet import quiet_lightning
+
+
+class StepBar(pl.Callback):
+    """A transient bar over a fine-tuning run's optimiser steps: ``fine-tune NAME  ━━━  120/300 steps``.
+
+    Args:
+        description: what is being trained (the encoder, its label count and seed).
+        steps: the number of optimiser steps the run takes.
+    """
+
+    def __init__(self, description: str, steps: int) -> None:
+        self.description, self.steps = description, steps
+        self.progress = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                   TimeElapsedColumn())
+        self.progress = make_progress(*columns, transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=self.steps)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=min(self.steps, trainer.global_step))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
 class Classifier(pl.LightningModule):
@@ -100,9 +138,12 @@ def train_classifier(
     encoder_lr_scale: float = 1.0,
     seed: int = 0,
     accelerator: str = "auto",
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> dict[str, float]:
-    """Train a copy of ``encoder`` + a linear head on ``train_set[subset]``; top-1/top-5 (%) on ``test_set``."""
+    """Train a copy of ``encoder`` + a linear head on ``train_set[subset]``; top-1/top-5 (%) on ``test_set``.
+
+    ``progress`` (True, or the text to show) draws a bar over the optimiser steps (:class:`StepBar`).
+    """
     if len(subset) == 0:
         raise ConfigError("train_classifier got an empty label subset")
     pl.seed_everything(seed, verbose=False)
@@ -114,7 +155,9 @@ def train_classifier(
     with quiet_lightning():
         trainer = pl.Trainer(
             max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=1, logger=False,
-            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+            callbacks=[StepBar(progress if isinstance(progress, str) else f"fine-tune on {len(subset)} labels",
+                               steps)] if progress else [],
         )
         trainer.fit(model, train_dataloaders=loader)
     scores, labels = predict_scores(model, test_set)

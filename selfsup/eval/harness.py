@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.data.datasets import load_dataset
-from selfsup.errors import ConfigError
+from selfsup.errors import ConfigError, SelfsupError
 from selfsup.eval.features import Features, data_fingerprint, extract_features, sample_keys
 from selfsup.eval.shard import Shard
 from selfsup.ssl.backbone import Backbone
@@ -66,6 +66,24 @@ class EncoderSource:
     random_twin: Callable[[], nn.Module]
     meta: dict = field(default_factory=dict)
     source: str | None = None
+    skip_bad: bool = False  # the run was pretrained with --skip-bad-images: its evaluation skips them too
+    cache_dir: Path | None = None  # the feature cache (default: results_dir's parent's features/)
+    output_given: bool = False  # results_dir is the user's --output: never moved (see results_dir_for)
+
+
+def run_skip_bad(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` was pretrained with ``--skip-bad-images`` (its config.yaml's data.skip_bad)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return False
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return False
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    return bool(isinstance(data, dict) and data.get("skip_bad"))
 
 
 def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -82,17 +100,23 @@ def _seeded(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 
 
 def resolve_source(source: str | None = None, random_init: str | None = None, output: str | None = None) -> EncoderSource:
-    """An encoder from a run directory, an export directory, or ``random_init`` (a backbone name)."""
+    """An encoder from a run directory, an export directory, a Lightning ``.ckpt`` of a run, or ``random_init``
+    (a backbone name)."""
     if (source is None) == (random_init is None):
-        raise ConfigError("give either a run or export directory, or --random-init BACKBONE")
+        raise ConfigError("give either a run or export directory (or a .ckpt file), or --random-init BACKBONE")
     if random_init is not None:
         twin = _seeded(lambda: ImageEncoder(Backbone(random_init)))
-        out = Path(output) if output else Path("runs") / f"random-{random_init}" / "eval"
-        return EncoderSource(f"random-init {random_init}", twin(), out, None, None, twin, source=f"random-init:{random_init}")
+        home = Path("runs") / f"random-{random_init}"
+        out = Path(output) if output else home / "eval"
+        return EncoderSource(f"random-init {random_init}", twin(), out, None, None, twin,
+                             source=f"random-init:{random_init}", cache_dir=out / "features" if output else home / "features",
+                             output_given=output is not None)
     path = Path(source)
+    if path.is_file() and path.suffix == ".ckpt":
+        return _checkpoint_source(path, output)
     export = path / "export" if (path / "export" / "config.json").is_file() else path
     if not (export / "config.json").is_file():
-        raise ConfigError(f"{path} is neither a run directory (with export/) nor an export directory")
+        raise ConfigError(not_an_encoder_message(path))
     encoder = load_encoder(export)
     config = encoder.config
     run_dir = export.parent if export.name == "export" else export
@@ -101,7 +125,124 @@ def resolve_source(source: str | None = None, random_init: str | None = None, ou
     name = f"{config['method']} ({run_dir.name})"
     results = Path(output) if output else run_dir / "eval"
     return EncoderSource(name, encoder, results, data_cfg.get("data"), data_cfg.get("image_size"), twin, config,
-                         str(export.resolve()))
+                         str(export.resolve()), skip_bad=bool(data_cfg.get("skip_bad")) or run_skip_bad(run_dir),
+                         cache_dir=run_dir / "features", output_given=output is not None)
+
+
+def _checkpoint_source(path: Path, output: str | None) -> EncoderSource:
+    """The encoder of a Lightning ``.ckpt`` of a run; its results go to ``<run>/eval/checkpoint-<name>/``.
+
+    The checkpoint's weights are not the run's exported encoder, so its results never overwrite the
+    run's own; data, image size and --skip-bad-images come from the run's config (its export's when
+    there is one).
+    """
+    import yaml
+
+    encoder = load_encoder(path)
+    config = encoder.config
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    data_cfg: dict = {}
+    for cfg_path in (run_dir / "export" / "config.json", run_dir / "config.yaml"):
+        if cfg_path.is_file() and not data_cfg.get("data"):
+            try:
+                cfg = yaml.safe_load(cfg_path.read_text()) or {}  # JSON is YAML
+            except yaml.YAMLError:
+                continue
+            data_cfg = (cfg.get("data") if isinstance(cfg, dict) else None) or {}
+    data_cfg = {**(config.get("data") or {}), **data_cfg}
+    twin = _seeded(lambda: METHODS[config["method"]](**config["hparams"]).encoder())
+    step = config.get("global_step")
+    name = f"{config['method']} ({run_dir.name}, {path.name}{f', step {step}' if step is not None else ''})"
+    results = Path(output) if output else run_dir / "eval" / f"checkpoint-{path.stem}"
+    return EncoderSource(name, encoder, results, data_cfg.get("data"), data_cfg.get("image_size"), twin, config,
+                         str(path.resolve()), skip_bad=bool(data_cfg.get("skip_bad")) or run_skip_bad(run_dir),
+                         cache_dir=run_dir / "features", output_given=output is not None)
+
+
+def _runs_in(folder: Path) -> list[str]:
+    """Names of the run directories (with export/ or checkpoints/) in ``folder``."""
+    try:
+        return sorted(p.name for p in folder.iterdir()
+                      if p.is_dir() and ((p / "export" / "config.json").is_file() or (p / "checkpoints").is_dir()))
+    except OSError:
+        return []
+
+
+def not_an_encoder_message(path: Path, what: str = "a run directory (runs/<name>), its export/ or a .ckpt file") -> str:
+    """Why ``path`` is no encoder, specifically: missing (with the nearest runs beside it, or where runs
+    live), a run without an export (with its newest checkpoint), or a folder or file of another kind."""
+    import difflib
+
+    if not path.exists():
+        folder = path.parent if str(path.parent) not in ("", ".") else Path("runs")
+        if not folder.is_dir() and str(path.parent) in ("", "."):
+            folder = Path(".")
+        names = _runs_in(folder) if folder.is_dir() else []
+        close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+        if close:
+            hint = "did you mean " + " or ".join(str(folder / c) for c in close) + "?"
+        elif names:
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            hint = f"the runs in {folder}/ are: {shown}"
+        elif folder.is_dir():
+            hint = (f"{folder.resolve()} holds no run (selfsup pretrain writes runs/<name>/; pass {what})")
+        else:
+            hint = f"{folder} does not exist either (selfsup pretrain writes runs/<name>/; pass {what})"
+        return f"{path} does not exist: {hint}"
+    if path.is_dir():
+        ckpts = sorted((path / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime) \
+            if (path / "checkpoints").is_dir() else []
+        inside = _runs_in(path)
+        if inside:
+            shown = ", ".join(inside[:8]) + (f" and {len(inside) - 8} more" if len(inside) > 8 else "")
+            return f"{path} is a folder of runs ({shown}): pass one of them, e.g. {path / inside[0]}"
+        if ckpts:
+            return (f"{path} is a run without an exported encoder (no export/config.json: its pretraining has not "
+                    f"finished); evaluate a checkpoint instead, e.g. {ckpts[-1]}")
+        return (f"{path} is neither a run directory (no export/config.json) nor an export directory (no config.json); "
+                f"pass {what}")
+    return f"{path} is a file, not {what}"
+
+
+def same_data(a: str | None, b: str | None) -> bool:
+    """Whether two data specs name the same data (``imgs`` and ``/abs/imgs``, ``folder:X`` and ``X``)."""
+    if a is None or b is None:
+        return False
+    from selfsup.data.datasets import parse_spec
+
+    try:
+        return parse_spec(a) == parse_spec(b)
+    except SelfsupError:  # e.g. "cifar10:" without a root
+        return a == b
+
+
+def data_label(spec: str, image_size: int) -> str:
+    """A folder name for results on other data: ``<data-name>-<size>px-<hash>``, e.g. ``cifar10-32px-1a2b3c``.
+
+    The name is the data's kind (``digits``, ``cifar10``) or a folder's own name; the short hash of its
+    resolved location and the size tells two folders of the same name apart.
+    """
+    import hashlib
+    import re
+
+    from selfsup.data.datasets import parse_spec
+
+    kind, root = parse_spec(spec)
+    name = root.name if kind == "folder" and root is not None else kind
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or kind
+    digest = hashlib.sha256(f"{kind}:{root}:{image_size}".encode()).hexdigest()[:6]
+    return f"{name}-{image_size}px-{digest}"
+
+
+def results_dir_for(src: EncoderSource, ev: EvalData) -> Path:
+    """Where results of ``src`` on ``ev`` go: ``--output`` when given; the run's ``eval/`` for the data and
+    image size it was trained on; else ``eval/<data-name>-<size>px-<hash>/`` (:func:`data_label`), so an
+    evaluation on other data or another size never overwrites the run's own results."""
+    if src.output_given:
+        return src.results_dir
+    size = int(ev.train.image_size)
+    own = same_data(ev.spec, src.data) and (src.image_size is None or int(src.image_size) == size)
+    return src.results_dir if own else src.results_dir / data_label(ev.spec, size)
 
 
 @dataclass
@@ -113,6 +254,7 @@ class EvalData:
     test: object
     features: dict[str, tuple[Features, Features]]
     keys: list[str] | None = None  # each training image's path relative to the data root (None: no files)
+    skip_bad: bool = False  # corrupt or non-image files were skipped
 
     @property
     def dataset_key(self) -> str:
@@ -130,24 +272,30 @@ def prepare(
     batch_size: int = 256,
     progress: bool = True,
     trainer_kwargs: dict | None = None,
+    skip_bad: bool | None = None,
 ) -> EvalData:
-    """Load the dataset's train and test splits and extract (or read cached) features of the encoder and baselines."""
+    """Load the dataset's train and test splits and extract (or read cached) features of the encoder and baselines.
+
+    ``skip_bad`` skips (and counts, with one warning) corrupt or non-image files instead of stopping;
+    None: as the run was pretrained (``--skip-bad-images``), else off.
+    """
     spec = data or src.data or "digits"
-    size = image_size or (src.image_size if spec == src.data else None)
-    train = load_dataset(spec, "train", image_size=size)
-    test = load_dataset(spec, "val", image_size=train.image_size)
+    size = image_size or (src.image_size if same_data(spec, src.data) else None)
+    skip = src.skip_bad if skip_bad is None else skip_bad
+    train = load_dataset(spec, "train", image_size=size, skip_bad=skip)
+    test = load_dataset(spec, "val", image_size=train.image_size, skip_bad=skip)
     encoders = {src.name: src.encoder}
     if baselines:
         if not src.name.startswith("random"):
             encoders["random init (same architecture)"] = src.random_twin()
         encoders["pixels"] = PixelEncoder(train.image_size)
-    cache = Path(cache_dir) if cache_dir else src.results_dir.parent / "features"
+    cache = Path(cache_dir) if cache_dir else (src.cache_dir or src.results_dir.parent / "features")
     feats = {}
     for name, enc in encoders.items():
         kw = dict(batch_size=batch_size, cache_dir=cache, dtype=dtype, progress=progress, **(trainer_kwargs or {}))
         feats[name] = (extract_features(enc, train, "train", name=name, **kw),
                        extract_features(enc, test, "val", name=name, **kw))
-    return EvalData(spec, train, test, feats, sample_keys(train))
+    return EvalData(spec, train, test, feats, sample_keys(train), skip)
 
 
 def arrays(pair: tuple[Features, Features]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -226,7 +374,8 @@ def provenance(ev: EvalData, src: EncoderSource, started: float, device: str | N
         "data": {"spec": ev.spec, "name": ev.dataset_key, "fingerprint": data_fingerprint(ev.train, ev.keys),
                  "n_train": len(ev.train), "n_test": len(ev.test), "num_classes": len(ev.train.classes),
                  "image_size": meta.get("image_size"), "transform": meta.get("transform"),
-                 "subsets_keyed_by": "relative image paths" if ev.keys is not None else "dataset name and row order"},
+                 "subsets_keyed_by": "relative image paths" if ev.keys is not None else "dataset name and row order",
+                 "skip_bad_images": ev.skip_bad},
         "features": {"dtype": meta.get("dtype"), "dim": int(train.x.shape[1])},
         "settings": settings or {},
         "software": {"selfsup": selfsup.__version__, "torch": torch.__version__, "faiss": _version("faiss"),
@@ -274,6 +423,33 @@ def report(ev: EvalData, kind: str, rows: dict[str, dict], results_dir: Path, ex
 SUPERVISED = "supervised (same backbone, from scratch)"
 
 
+def name_classes(result: dict, classes: list[str]) -> None:
+    """Put the class names into a sweep result's ``classes_under_k`` (the sweep records class labels)."""
+
+    def name(label) -> str:
+        i = int(label)
+        return str(classes[i]) if 0 <= i < len(classes) else str(label)
+
+    for budget in result["budgets"]:
+        for entry in budget.get("classes_under_k", ()):
+            entry["name"] = name(entry["class"])
+    result["classes_under_k"] = {b: {name(label): n for label, n in under.items()}
+                                 for b, under in result.get("classes_under_k", {}).items()}
+
+
+def classes_under_k_note(result: dict, shown: int = 10) -> str | None:
+    """The lines saying which classes have fewer training images than a k budget (they give all they have)."""
+    lines = []
+    for budget, under in result.get("classes_under_k", {}).items():
+        k = budget.removeprefix("k=")
+        items = [f"{name} ({n})" for name, n in under.items()]
+        more = f", ... and {len(items) - shown} more (see classes_under_k in sweep.json)" if len(items) > shown else ""
+        have = "1 class has" if len(items) == 1 else f"{len(items)} classes have"
+        lines.append(f"note: {budget}: {have} fewer than {k} training images, so that budget uses all of them: "
+                     f"{', '.join(items[:shown])}{more}")
+    return "\n".join(lines) or None
+
+
 def sweep(
     ev: EvalData,
     src: EncoderSource,
@@ -291,7 +467,7 @@ def sweep(
     gather: Callable[[dict], dict] | None = None,
     started: float | None = None,
 ) -> tuple[Path, Path] | None:
-    """Label-efficiency sweep of every encoder's cached features; JSON, table and PNG under ``src.results_dir``.
+    """Label-efficiency sweep of every encoder's cached features; JSON, table and PNG under :func:`results_dir_for`.
 
     ``finetune`` adds end-to-end fine-tuning of the encoder on each subset (method ``finetune``);
     ``supervised`` adds the same backbone trained from scratch on each subset, as its own line. With
@@ -311,11 +487,14 @@ def sweep(
     if rank != 0:
         return None
     num_classes = len(ev.train.classes)
+    name_classes(result, list(ev.train.classes))
 
     def trainer_for(build: Callable[[], nn.Module], lr_scale: float):
         def run(name: str, subset: np.ndarray, seed: int) -> dict:
+            what = "train from scratch" if lr_scale == 1.0 else "fine-tune"
             return train_classifier(build(), ev.train, ev.test, subset, num_classes, steps=finetune_steps,
-                                    encoder_lr_scale=lr_scale, seed=seed)
+                                    encoder_lr_scale=lr_scale, seed=seed,
+                                    progress=f"{what} {name}: {len(subset)} labels, seed {seed}" if progress else False)
 
         return run
 
@@ -336,5 +515,5 @@ def sweep(
                 "linear_probe": probe_settings()}
     result["provenance"] = provenance(ev, src, started, device, 1 if shard is None else shard[1], settings)
     print_sweep_table(result, make_console())
-    out = src.results_dir
+    out = results_dir_for(src, ev)
     return write_json(result, out / "sweep.json"), plot_sweep(result, out / "sweep.png")

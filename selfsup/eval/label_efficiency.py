@@ -28,10 +28,12 @@ Result schema of :func:`label_efficiency_sweep` (JSON-serialisable; :func:`selfs
       "seeds": [int, ...],
       "methods": ["linear", "knn", ("finetune")],
       "budgets": [                         # ascending: k budgets, percent budgets, subset files, "all"
-        {"name": "k=1", "k": 1, "percent": null, "n_labels": 10, "labels_per_class": 1.0},
+        {"name": "k=1", "k": 1, "percent": null, "n_labels": 10, "labels_per_class": 1.0,
+         "classes_under_k": []},     # k budgets: [{"class": label, "n": its training images}, ...]
         {"name": "10%", "k": null, "percent": 10.0, "n_labels": 5000, "labels_per_class": 500.0},
         {"name": "all", "k": null, "percent": 100.0, "n_labels": 50000, "labels_per_class": 5000.0}
       ],
+      "classes_under_k": {"k=50": {"3": 41}},  # budget -> class (label; the harness: name) -> its count
       "results": {
         encoder_name: {
           method: [                        # one entry per budget, in "budgets" order
@@ -45,8 +47,9 @@ Result schema of :func:`label_efficiency_sweep` (JSON-serialisable; :func:`selfs
     }
 
 Accuracies are in percent; ``*_std`` is the sample standard deviation over seeds (0 for one seed).
-``labels_per_class`` is k for k budgets (some classes may have fewer) and ``n_labels / num_classes``
-otherwise. Linear runs add ``weight_decay``, ``val_top1`` and the fit's ``solver``, ``iterations`` and
+``labels_per_class`` is k for k budgets and ``n_labels / num_classes`` otherwise. A class with fewer
+than k training images gives all it has; such classes are listed per budget (``classes_under_k``,
+also collected at the top level), so a k budget that is not k for every class is never silent. Linear runs add ``weight_decay``, ``val_top1`` and the fit's ``solver``, ``iterations`` and
 ``converged``; kNN runs add ``k_neighbours``. A subset-file budget is named ``file:<file name>`` and
 records its ``file`` and ``sha256``.
 
@@ -65,6 +68,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from selfsup.errors import ConfigError
 from selfsup.eval.knn import knn_classify
@@ -72,6 +76,9 @@ from selfsup.eval.linear import ArrayLike, as_labels, as_tensor, check_split, li
 from selfsup.progress import make_progress
 
 SCHEMA = "selfsup.label_efficiency/1"
+FIT_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("fits"),
+               TimeElapsedColumn())
+"""The sweep's bar: the fit running now, then how many of its fits (encoder x budget x seed x method) are done."""
 METHODS = ("linear", "knn", "finetune")
 FinetuneFn = Callable[[str, np.ndarray, int], Mapping[str, float]]
 
@@ -238,7 +245,7 @@ def _budgets(
     keys: Sequence[str] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """The budgets in plotting order, and the fixed subsets of the subset files by budget name."""
-    counts = np.bincount(np.unique(train_y, return_inverse=True)[1])
+    labels, counts = np.unique(train_y, return_counts=True)
     n, c = int(len(train_y)), int(len(counts))
     budgets: list[dict[str, Any]] = []
     for k in sorted({k for k in ks if k is not None}):
@@ -254,6 +261,9 @@ def _budgets(
                 "percent": None,
                 "n_labels": n_labels,
                 "labels_per_class": float(k),
+                # classes with fewer than k training images: the budget takes all of theirs
+                "classes_under_k": [{"class": int(cls), "n": int(n)}
+                                    for cls, n in zip(labels.tolist(), counts.tolist(), strict=True) if n < k],
             }
         )
     want_all = any(k is None for k in ks)
@@ -451,7 +461,7 @@ def label_efficiency_sweep(
             if (r == rank and jobs[j][1] != "finetune") or (jobs[j][1] == "finetune" and rank == 0)]
 
     done: dict[tuple, dict[str, Any]] = {}
-    with make_progress(enabled=progress, transient=True) as bar:
+    with make_progress(*FIT_COLUMNS, enabled=progress, transient=True) as bar:
         task = bar.add_task("label efficiency", total=len(mine))
         for name in encoders:
             todo = [j for j in mine if jobs[j][0] == name]
@@ -488,6 +498,8 @@ def label_efficiency_sweep(
         "seeds": seeds,
         "methods": methods,
         "budgets": budgets,
+        "classes_under_k": {b["name"]: {str(u["class"]): u["n"] for u in b["classes_under_k"]}
+                            for b in budgets if b.get("classes_under_k")},
         "subsets": "keys (relative image paths)" if keys is not None else f"dataset_key {dataset_key!r} and row order",
         "world_size": world,
         "results": results,

@@ -66,7 +66,13 @@ def _run_dir(path: str | Path) -> Path:
         return p
     if (p / "config.json").is_file() and p.name == "export":
         return p.parent
-    raise ConfigError(f"{p} is not a run directory (no export/config.json): pass runs/<name> of a finished run")
+    from selfsup.eval.harness import not_an_encoder_message
+
+    if p.is_file() and p.suffix == ".ckpt":
+        run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        raise ConfigError(f"{p} is a checkpoint, and this command takes a run directory: pass {run} (once its "
+                          "pretraining has written export/), or evaluate the checkpoint with selfsup probe, knn or sweep")
+    raise ConfigError(not_an_encoder_message(p, "a run directory (runs/<name>) of a finished run"))
 
 
 def summarise(path: str | Path, data: str | None = None, pictures: bool = True, progress: bool = False) -> RunSummary:
