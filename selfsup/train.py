@@ -22,6 +22,7 @@ import contextlib
 import inspect
 import json
 import os
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from selfsup.config import (  # noqa: F401  (re-exported: the config API lived h
 )
 from selfsup.data.datamodule import SelfSupDataModule
 from selfsup.divergence import DivergenceGuard
-from selfsup.errors import ConfigError, TrainingError, TrainingStopped
+from selfsup.errors import ConfigError, TrainingError, TrainingInterrupted, TrainingStopped
 from selfsup.eval.online import OnlineLinearProbe
 from selfsup.progress import lightning_bar
 from selfsup.quiet import quiet_lightning
@@ -165,6 +166,12 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
         return _fit(cfg, run_dir, dm, model, resume, callbacks or [], launcher_zero)
 
 
+def resume_command(cfg: dict, run_dir: Path) -> str:
+    """The command line that continues the run in ``run_dir`` (its saved config.yaml holds the rest)."""
+    output = "" if Path(cfg["output"]) == Path("runs") else f" --output {shlex.quote(str(cfg['output']))}"
+    return f"selfsup pretrain --resume --name {shlex.quote(run_dir.name)}{output}"
+
+
 def log_interval(requested: int, n_train: int, global_batch: int, accumulate: int = 1) -> int:
     """The logging interval in optimiser steps: ``requested``, but at most one epoch's steps.
 
@@ -216,7 +223,7 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
     trainer_kwargs = dict(cfg["trainer"])
     max_time = trainer_kwargs.pop("max_time", None)
     every = cfg.get("checkpoint_every")
-    sigterm = SaveOnSigterm(ckpt_dir / "sigterm.ckpt")
+    sigterm = SaveOnSigterm(ckpt_dir / "sigterm.ckpt", ckpt_dir / "interrupt.ckpt")
     cbs = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1),
         # resume takes the newest checkpoint that loads, so this one needs no last.ckpt of its own
@@ -278,8 +285,10 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
     except SIGTERMException:  # Lightning stopped at a batch boundary; SaveOnSigterm saved that step
         kept = (f"step {trainer.global_step} saved in {sigterm.path}" if sigterm.saved
                 else "no step was trained yet")
-        raise TrainingStopped(f"stopped by SIGTERM ({kept}); run the same command with --resume to continue "
-                              f"{run_dir}") from None
+        if sigterm.interrupted:
+            raise TrainingInterrupted(f"interrupted by Ctrl-C ({kept}); continue it with: "
+                                      f"{resume_command(cfg, run_dir)}") from None
+        raise TrainingStopped(f"stopped by SIGTERM ({kept}); continue it with: {resume_command(cfg, run_dir)}") from None
     finally:
         if trainer.is_global_zero:
             merge_metrics(run_dir, resumed_step)

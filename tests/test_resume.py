@@ -120,3 +120,30 @@ def test_sigterm_saves_the_step_exits_143_and_resume_continues_exactly(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = _losses(tmp_path / "full")
     assert len(expected) == 10 and _losses(run) == expected  # every step once, bit-identical
+
+
+# The CLI with a callback that presses Ctrl-C (SIGINT to this process) after step 7.
+INTERRUPTED_CLI = SIGTERMED_CLI.replace("signal.SIGTERM", "signal.SIGINT")
+
+
+def test_ctrl_c_saves_the_step_exits_130_in_one_line_and_resume_continues(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["pretrain", "--method", "rotation", "--backbone", "convnet_small", "--image-size", "8",
+            "--batch-size", "256", "--max-epochs", "2", "--log-every-n-steps", "1", "--no-online-probe",
+            "--output", str(tmp_path), "--name", "cut"]
+    cut = subprocess.run([sys.executable, "-c", INTERRUPTED_CLI, *args], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert cut.returncode == 130, cut.stderr[-3000:]
+    assert "Traceback" not in cut.stderr
+    lines = cut.stderr.strip().splitlines()
+    assert len(lines) == 1, cut.stderr
+    saved = tmp_path / "cut" / "checkpoints" / "interrupt.ckpt"
+    assert lines[0] == (f"selfsup: error: interrupted by Ctrl-C (step 7 saved in {saved}); continue it with: "
+                        f"selfsup pretrain --resume --name cut --output {tmp_path}")
+    assert not (tmp_path / "cut" / "export").exists()
+    path, ckpt = find_resumable_checkpoint(saved.parent)
+    assert path == saved and ckpt["global_step"] == 7
+    resumed = subprocess.run([sys.executable, "-m", "selfsup", *args, "--resume"], capture_output=True, text=True,
+                             env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [int(s) for s, _ in _losses(tmp_path / "cut")] == list(range(10))  # every step once
