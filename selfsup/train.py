@@ -283,12 +283,15 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except SIGTERMException:  # Lightning stopped at a batch boundary; SaveOnSigterm saved that step
-        kept = (f"step {trainer.global_step} saved in {sigterm.path}" if sigterm.saved
-                else "no step was trained yet")
-        if sigterm.interrupted:
-            raise TrainingInterrupted(f"interrupted by Ctrl-C ({kept}); continue it with: "
-                                      f"{resume_command(cfg, run_dir)}") from None
-        raise TrainingStopped(f"stopped by SIGTERM ({kept}); continue it with: {resume_command(cfg, run_dir)}") from None
+        what, error = ("interrupted by Ctrl-C", TrainingInterrupted) if sigterm.interrupted else \
+            ("stopped by SIGTERM", TrainingStopped)
+        if sigterm.saved:
+            how = f"step {trainer.global_step} saved in {sigterm.path}); continue it with: {resume_command(cfg, run_dir)}"
+        elif resume:
+            how = f"no new step trained); continue it with: {resume_command(cfg, run_dir)}"
+        else:  # claim_run_dir removes the directory: nothing in it could be resumed
+            how = f"before its first step: nothing to resume, {run_dir} removed); rerun the command to start again"
+        raise error(f"{what} ({how}") from None
     finally:
         if trainer.is_global_zero:
             merge_metrics(run_dir, resumed_step)
