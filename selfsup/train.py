@@ -43,6 +43,7 @@ from selfsup.checkpoint import (
 from selfsup.config import (  # noqa: F401  (re-exported: the config API lived here first)
     DATA_DEFAULTS,
     TRAINER_DEFAULTS,
+    check_ranges,
     default_config,
     load_config,
     merge_config,
@@ -127,6 +128,7 @@ def resolve_config(config: dict | None, resume: bool = False) -> dict:
     if "checkpoint_every" in given:
         run["checkpoint_every"] = cfg["checkpoint_every"]
     run["output"], run["name"] = cfg["output"], cfg["name"]
+    check_ranges(run)  # the run's own settings with the new limits: still a run that ends
     return run
 
 
