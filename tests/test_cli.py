@@ -149,3 +149,20 @@ def test_pretrain_output_is_selfsups_own_unless_verbose(tmp_path, monkeypatch, c
     assert cli.main([*base, "--name", "loud", "--verbose"]) == 0
     out = "".join(capfd.readouterr())
     assert "Total params" in out  # the model summary (Lightning's info lines go to logging, captured by pytest)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "argument --epochs: must be at least 1, got '0'"),
+    (["--seeds", "0"], "argument --seeds: must be at least 1, got '0'"),
+    (["--seeds", "-2"], "argument --seeds: must be at least 1, got '-2'"),
+    (["--epochs", "1.5"], "argument --epochs: expected a whole number, got '1.5'"),
+])
+def test_demo_counts_fail_in_one_line_before_any_work(args, message, tmp_path, capsys):
+    from selfsup import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", *args, "--output", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
