@@ -500,7 +500,12 @@ def main(argv: list[str] | None = None) -> int:
             result = pretrain(cfg, resume=resume)
             samples = result.run_dir / "samples"
             shown = f", samples in {samples}" if samples.is_dir() else ""
-            print(f"run written to {result.run_dir} (encoder in {result.run_dir / 'export'}{shown})")
+            if result.stopped_by_time:
+                print(f"stopped at the time limit (--max-time {result.stopped_by_time}) after "
+                      f"{result.global_step} steps; run written to {result.run_dir} (encoder of that step in "
+                      f"{result.run_dir / 'export'}{shown}); continue it with: {result.resume_command}")
+            else:
+                print(f"run written to {result.run_dir} (encoder in {result.run_dir / 'export'}{shown})")
         elif args.command in ("features", "probe", "knn", "sweep"):
             _run_eval(args)
         elif args.command in ("report", "plot"):

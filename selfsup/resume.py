@@ -90,8 +90,17 @@ class FreshTimer(Timer):
     """Lightning's ``max_time`` limit, counted from this (re)start: the elapsed time of a killed or
     time-limited run is not carried into its resume (which would stop it before a single step)."""
 
+    stopped = False
+    """Whether the time limit stopped the run (rather than its step or epoch limit)."""
+
     def load_state_dict(self, state_dict: dict) -> None:
         return None
+
+    def _check_time_remaining(self, trainer: pl.Trainer) -> None:
+        before = trainer.should_stop
+        super()._check_time_remaining(trainer)
+        if trainer.should_stop and not before:
+            self.stopped = True
 
 
 class SaveOnSigterm(Callback):

@@ -78,6 +78,11 @@ class RunResult:
     datamodule: SelfSupDataModule
     metrics: dict
     probe: OnlineLinearProbe | None
+    stopped_by_time: str | None = None
+    """The ``max_time`` limit (``DD:HH:MM:SS``) when it ended the run before its step and epoch limits
+    (``--resume`` continues it), else None."""
+    global_step: int = 0
+    resume_command: str = ""
 
 
 RUN_DIR_ENV = "SELFSUP_RUN_DIR"
@@ -225,6 +230,7 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
     trainer_kwargs = dict(cfg["trainer"])
     max_time = trainer_kwargs.pop("max_time", None)
     every = cfg.get("checkpoint_every")
+    timer = FreshTimer(duration=max_time, interval="step") if max_time else None
     sigterm = SaveOnSigterm(ckpt_dir / "sigterm.ckpt", ckpt_dir / "interrupt.ckpt")
     cbs = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1),
@@ -234,7 +240,7 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
         ExactResume(),
         sigterm,
         DivergenceGuard(),
-        *([FreshTimer(duration=max_time, interval="step")] if max_time else []),
+        *([timer] if timer else []),
         *([probe] if probe else []),
         *callbacks,
     ]
@@ -307,4 +313,8 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
     if trainer.is_global_zero:
         model.export(run_dir / "export", data={"data": cfg["data"]["data"], "image_size": dm.image_size})
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    return RunResult(run_dir, model, dm, metrics, probe)
+    limits_reached = (0 < trainer.max_steps <= trainer.global_step) or (
+        0 < (trainer.max_epochs or 0) <= trainer.current_epoch)
+    stopped_by_time = max_time if timer is not None and timer.stopped and not limits_reached else None
+    return RunResult(run_dir, model, dm, metrics, probe, stopped_by_time, trainer.global_step,
+                     resume_command(cfg, run_dir))

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -166,3 +167,21 @@ def test_demo_counts_fail_in_one_line_before_any_work(args, message, tmp_path, c
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_stopped_by_max_time_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    from selfsup import cli
+    from selfsup.train import RUN_DIR_ENV
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(RUN_DIR_ENV, "")
+    base = ["pretrain", "--backbone", "convnet_small", "--image-size", "8", "--no-online-probe", "--name", "t"]
+    assert cli.main([*base, "--max-epochs", "500", "--max-time", "1s"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "run written to" in ln]
+    assert len(lines) == 1
+    m = re.fullmatch(r"stopped at the time limit \(--max-time 00:00:00:01\) after (\d+) steps; run written to "
+                     r"runs/t \(encoder of that step in runs/t/export\); continue it with: "
+                     r"selfsup pretrain --resume --name t", lines[0])
+    assert m, lines[0]
+    last = torch.load(tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 1 <= int(m.group(1)) == last["global_step"] < 500 * 6
