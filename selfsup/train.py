@@ -281,9 +281,12 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
                                       trainer.accumulate_grad_batches, type(model).optimizer_steps_per_batch)
         if last is not None:  # a run shorter than an epoch still validates once, at its last step
             trainer.val_check_interval = last
+    saved_config = None
     if launcher_zero:
-        if not resume:
-            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        # on resume too: config.yaml holds what this run trains with (a larger --max-epochs, say)
+        config_path = run_dir / "config.yaml"
+        saved_config = config_path.read_text() if resume and config_path.is_file() else None
+        atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
         set_aside_metrics(run_dir)
     try:
         with warnings.catch_warnings(), quiet():
@@ -304,6 +307,8 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
         if trainer.is_global_zero:
             merge_metrics(run_dir, resumed_step)
     if resumed_step is not None and trainer.global_step <= resumed_step:
+        if saved_config is not None:  # nothing was trained with the new settings: the run's own stay
+            atomic_write_text(run_dir / "config.yaml", saved_config)
         limits = {k: cfg["trainer"][k] for k in ("max_epochs", "max_steps")}
         raise TrainingError(
             f"--resume trained no step: {run_dir.name} already reached its limits ({limits}, at step "

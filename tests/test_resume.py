@@ -147,3 +147,21 @@ def test_ctrl_c_saves_the_step_exits_130_in_one_line_and_resume_continues(tmp_pa
                              env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [int(s) for s, _ in _losses(tmp_path / "cut")] == list(range(10))  # every step once
+
+
+def test_resume_with_new_limits_updates_config_yaml(tmp_path):
+    import yaml
+
+    cfg = {**CONFIG, "output": str(tmp_path), "name": "r", "online_probe": False, "checkpoint_every": None,
+           "trainer": {"max_epochs": 1, "log_every_n_steps": 1}}
+    pretrain(cfg)
+    saved = tmp_path / "r" / "config.yaml"
+    assert yaml.safe_load(saved.read_text())["trainer"]["max_epochs"] == 1
+    again = pretrain({**cfg, "trainer": {"max_epochs": 2}, "checkpoint_every": 3}, resume=True)
+    assert again.global_step == 10
+    written = yaml.safe_load(saved.read_text())
+    assert written["trainer"]["max_epochs"] == 2 and written["checkpoint_every"] == 3  # what the resumed run used
+    assert written["model"]["backbone"] == "convnet_small" and written["trainer"]["log_every_n_steps"] == 1
+    with pytest.raises(TrainingError, match="trained no step"):  # a resume that trains nothing changes nothing
+        pretrain({**cfg, "trainer": {"max_epochs": 1}}, resume=True)
+    assert yaml.safe_load(saved.read_text()) == written
