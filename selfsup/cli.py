@@ -459,6 +459,30 @@ def _pretrain_config(args: argparse.Namespace) -> tuple[dict, bool]:
     return cfg, given["resume"]
 
 
+def _one_line_warnings() -> None:
+    """selfsup's own warnings (skipped bad images, ...) as one ``selfsup: warning: ...`` line each, once."""
+    import warnings
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent
+    shown: set[str] = set()
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        try:
+            ours = Path(filename).resolve().is_relative_to(package)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            return default(message, category, filename, lineno, file, line)
+        text = " ".join(str(message).split())
+        if text not in shown:
+            shown.add(text)
+            print(f"selfsup: warning: {text}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     sys.argv = [sys.argv[0], *argv]  # DDP's launcher re-runs the command line
@@ -492,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     build_demo_parser(sub)
     args = parser.parse_args(argv)
     args.method_given = any(a == "--method" or a.startswith("--method=") for a in argv)
+    import warnings
+
+    previous_showwarning = warnings.showwarning
+    if args.command in ("pretrain", "demo"):
+        _one_line_warnings()
     try:
         if args.command == "pretrain":
             from selfsup.train import pretrain
@@ -525,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"selfsup: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = previous_showwarning
     return 0
 
 

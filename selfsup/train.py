@@ -222,7 +222,8 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
             clean_stale_temp_files(d)
     ckpt_path, resumed_step = None, None
     if resume:
-        ckpt_path, ckpt = find_resumable_checkpoint(ckpt_dir, say=lambda m: print(m, file=sys.stderr))
+        ckpt_path, ckpt = find_resumable_checkpoint(
+            ckpt_dir, say=lambda m: print(m, file=sys.stderr) if launcher_zero else None)
         resumed_step = int(ckpt["global_step"])
         del ckpt
 

@@ -185,3 +185,39 @@ def test_a_run_stopped_by_max_time_says_so_in_one_line(tmp_path, monkeypatch, ca
     assert m, lines[0]
     last = torch.load(tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt", weights_only=False)
     assert 1 <= int(m.group(1)) == last["global_step"] < 500 * 6
+
+
+def test_resume_says_which_checkpoint_it_continues_from(tmp_path, monkeypatch, capsys):
+    from selfsup import cli
+    from selfsup.train import RUN_DIR_ENV
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(RUN_DIR_ENV, "")
+    base = ["pretrain", "--backbone", "convnet_small", "--image-size", "8", "--no-online-probe", "--name", "r"]
+    assert cli.main([*base, "--max-steps", "2"]) == 0
+    assert "resuming" not in capsys.readouterr().err
+    assert cli.main([*base, "--resume", "--max-steps", "3"]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "resuming" in ln]
+    assert len(err) == 1 and re.fullmatch(
+        r"selfsup: resuming from runs/r/checkpoints/\S+\.ckpt \(epoch 0, step 2\)", err[0]), err
+
+
+def test_skipped_images_are_one_whole_warning_line_and_the_hint_names_the_flag(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "d" / split / c / f"{i}.png")
+    (tmp_path / "d" / "train" / "a" / "bad.png").write_bytes(b"not an image")
+    args = ["pretrain", "--backbone", "convnet_small", "--data", "d", "--batch-size", "4", "--max-steps", "1",
+            "--no-online-probe"]
+    r = run_cli(*args, "--name", "s", "--skip-bad-images", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bad = tmp_path / "d" / "train" / "a" / "bad.png"
+    lines = [ln for ln in r.stderr.splitlines() if "bad" in ln]
+    assert lines == [f"selfsup: warning: skipped 1 bad file(s) in {tmp_path / 'd' / 'train'} (first: {bad})"], r.stderr
+    r = run_cli(*args, "--name", "t", cwd=tmp_path)
+    assert r.returncode == 2 and "pass --skip-bad-images" in r.stderr and len(r.stderr.strip().splitlines()) == 1
