@@ -24,7 +24,7 @@ TRAINER_FLAGS = {
     "accelerator": (str, "cpu, gpu, mps or auto"),
     "precision": (str, "32-true, 16-mixed, bf16-mixed, ..."),
     "accumulate_grad_batches": (int, "accumulate gradients over this many batches"),
-    "log_every_n_steps": (int, "logging interval in steps"),
+    "log_every_n_steps": (int, "logging interval in steps (at most one epoch's steps)"),
     "check_val_every_n_epoch": (int, "run the online probe's validation every N epochs"),
     "fast_dev_run": (int, "run N training (and validation) batches only, to check a setup; writes no checkpoint"),
 }
@@ -125,13 +125,22 @@ def add_method_arguments(parser: argparse.ArgumentParser, method: str) -> None:
             group.add_argument(_flag(name), type=typ, metavar=typ.__name__.upper(), **kw)
 
 
+def _with_default(text: str, default) -> str:
+    """``text (default: X)``, X the value the run takes without the flag; ``text`` if it already says."""
+    if "(default" in text or "the embedded default" in text:
+        return text
+    shown = "none" if default is None else default
+    return f"{text} (default: {shown})"
+
+
 def build_pretrain_parser(sub, method: str) -> argparse.ArgumentParser:
     from selfsup.ssl.module import METHODS
 
     p = sub.add_parser(
         "pretrain", help="pretrain an encoder without labels",
         description="Pretrain a self-supervised method. Writes runs/<name>/ (config.yaml, checkpoints/, "
-        "metrics.csv, metrics.json, export/). `selfsup pretrain --method NAME --help` lists that method's options.",
+        "metrics.csv, metrics.json, export/). `selfsup pretrain --method NAME --help` lists that method's options. "
+        "The defaults shown are used when neither the flag nor a --config file sets the value.",
     )
     p.add_argument("--method", default="rotation",
                    help=f"method to pretrain: {', '.join(sorted(METHODS))} (default: rotation)")
@@ -150,13 +159,16 @@ def build_pretrain_parser(sub, method: str) -> argparse.ArgumentParser:
                    help="show Lightning's own start-up messages and model summary (hidden by default)")
     p.add_argument("--skip-bad-images", dest="skip_bad", action="store_true", default=argparse.SUPPRESS,
                    help="skip (and count) corrupt or non-image files instead of stopping")
+    from selfsup.config import DATA_DEFAULTS, TRAINER_DEFAULTS
+
     g = p.add_argument_group("data")
     for name, (typ, hlp) in DATA_FLAGS.items():
-        g.add_argument(_flag(name), type=typ, default=argparse.SUPPRESS, help=hlp)
+        g.add_argument(_flag(name), type=typ, default=argparse.SUPPRESS, help=_with_default(hlp, DATA_DEFAULTS[name]))
     g = p.add_argument_group("trainer (Lightning)")
     for name, (typ, hlp) in TRAINER_FLAGS.items():
         kind = {"devices": _devices, "max_time": _duration}.get(name, typ)
-        g.add_argument(_flag(name), type=kind, default=argparse.SUPPRESS, help=hlp)
+        g.add_argument(_flag(name), type=kind, default=argparse.SUPPRESS,
+                       help=_with_default(hlp, TRAINER_DEFAULTS[name]))
     add_method_arguments(p, method)
     return p
 

@@ -221,3 +221,24 @@ def test_skipped_images_are_one_whole_warning_line_and_the_hint_names_the_flag(t
     assert lines == [f"selfsup: warning: skipped 1 bad file(s) in {tmp_path / 'd' / 'train'} (first: {bad})"], r.stderr
     r = run_cli(*args, "--name", "t", cwd=tmp_path)
     assert r.returncode == 2 and "pass --skip-bad-images" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_pretrain_help_shows_the_defaults_a_run_actually_uses(capsys):
+    import argparse
+
+    from selfsup import cli
+    from selfsup.train import resolve_config
+
+    p = cli.build_pretrain_parser(argparse.ArgumentParser().add_subparsers(), "rotation")
+    helps = {a.dest: a.help for a in p._actions}
+    used = resolve_config({})  # no flag, no --config: what the run trains with
+    for section, flags in (("trainer", cli.TRAINER_FLAGS), ("data", ["batch_size"])):
+        for name in flags:
+            value = used[section][name]
+            assert helps[name].endswith(f"(default: {'none' if value is None else value})"), (name, helps[name])
+    for name, value in used["model"].items():
+        assert helps[name].endswith(f"(default: {value!r})"), (name, helps[name])
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "epochs to train (default: 100)" in out and "images per batch per device (default: 256)" in out
