@@ -68,6 +68,10 @@ def test_demo_runs_and_prints_the_table(tmp_path):
         assert 0 <= row["linear_top1"] <= 100 and 0 <= row["knn_top1"] <= 100
     assert rows["pixels"]["online_top1"] is None
     assert (run / "eval" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rel = run.relative_to(tmp_path)
+    assert r.stdout.strip().splitlines()[-1] == (
+        f"run directory: {rel} (encoder: {rel}/export, table: {rel}/demo.json, sweep: {rel}/eval/sweep.json, "
+        f"plot: {rel}/eval/sweep.png)")
 
 
 @pytest.mark.parametrize(
@@ -242,3 +246,16 @@ def test_pretrain_help_shows_the_defaults_a_run_actually_uses(capsys):
         cli.main(["pretrain", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "epochs to train (default: 100)" in out and "images per batch per device (default: 256)" in out
+
+
+def test_demo_final_line_gives_every_path_in_one_form(tmp_path, monkeypatch):
+    from selfsup.demo import final_line
+
+    monkeypatch.chdir(tmp_path)
+    line = final_line("runs/d", tmp_path / "runs" / "d" / "eval" / "sweep.json", "runs/d/eval/sweep.png")
+    assert line == ("run directory: runs/d (encoder: runs/d/export, table: runs/d/demo.json, "
+                    "sweep: runs/d/eval/sweep.json, plot: runs/d/eval/sweep.png)")
+    out = tmp_path.parent / "elsewhere"  # outside the working directory: absolute, all of them
+    line = final_line(out, out / "eval" / "sweep.json", out / "eval" / "sweep.png")
+    assert line == (f"run directory: {out} (encoder: {out / 'export'}, table: {out / 'demo.json'}, "
+                    f"sweep: {out / 'eval' / 'sweep.json'}, plot: {out / 'eval' / 'sweep.png'})")
