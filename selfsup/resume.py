@@ -10,6 +10,7 @@ counted afresh on every (re)start: a run stopped by its time limit and resumed t
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import threading
@@ -103,6 +104,10 @@ class FreshTimer(Timer):
             self.stopped = True
 
 
+class StartupInterrupted(Exception):
+    """Ctrl-C before training started (Lightning turns a ``KeyboardInterrupt`` into ``sys.exit(1)``)."""
+
+
 class SaveOnSigterm(Callback):
     """On SIGTERM (a scheduler's pre-emption, ``kill``) or Ctrl-C (SIGINT), save the step Lightning stopped at.
 
@@ -140,13 +145,27 @@ class SaveOnSigterm(Callback):
         self._previous = previous
         signal.signal(signal.SIGINT, on_sigint)
 
+    @contextlib.contextmanager
+    def startup_guard(self):
+        """Around ``trainer.fit``: a Ctrl-C before the first step raises :class:`StartupInterrupted`."""
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
+            yield
+            return
+
+        def on_sigint(signum, frame) -> None:
+            raise StartupInterrupted
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
     def _restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()

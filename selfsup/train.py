@@ -56,7 +56,7 @@ from selfsup.errors import ConfigError, TrainingError, TrainingInterrupted, Trai
 from selfsup.eval.online import OnlineLinearProbe
 from selfsup.progress import lightning_bar
 from selfsup.quiet import quiet_lightning
-from selfsup.resume import ExactResume, FreshTimer, SaveOnSigterm
+from selfsup.resume import ExactResume, FreshTimer, SaveOnSigterm, StartupInterrupted
 from selfsup.runs import claim_run_dir, merge_metrics, set_aside_metrics
 from selfsup.ssl.module import METHODS, SSLModule, build_method
 from selfsup.ssl.module import method_arguments as class_arguments
@@ -293,7 +293,12 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
         with warnings.catch_warnings(), quiet():
             # metrics.csv was set aside above and is merged back below: nothing is deleted.
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-            trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+            with sigterm.startup_guard():
+                trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except StartupInterrupted:
+        kept = (f"nothing new; continue it with: {resume_command(cfg, run_dir)}" if resume
+                else f"nothing to resume, nothing kept in {run_dir}; rerun the command to start again")
+        raise TrainingInterrupted(f"interrupted by Ctrl-C before the first step ({kept})") from None
     except SIGTERMException:  # Lightning stopped at a batch boundary; SaveOnSigterm saved that step
         what, error = ("interrupted by Ctrl-C", TrainingInterrupted) if sigterm.interrupted else \
             ("stopped by SIGTERM", TrainingStopped)
@@ -301,8 +306,8 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
             how = f"step {trainer.global_step} saved in {sigterm.path}); continue it with: {resume_command(cfg, run_dir)}"
         elif resume:
             how = f"no new step trained); continue it with: {resume_command(cfg, run_dir)}"
-        else:  # claim_run_dir removes the directory: nothing in it could be resumed
-            how = f"before its first step: nothing to resume, {run_dir} removed); rerun the command to start again"
+        else:  # claim_run_dir removes (or empties) the directory: nothing in it could be resumed
+            how = f"before its first step: nothing to resume, nothing kept in {run_dir}); rerun the command to start again"
         raise error(f"{what} ({how}") from None
     finally:
         if trainer.is_global_zero:

@@ -165,3 +165,24 @@ def test_resume_with_new_limits_updates_config_yaml(tmp_path):
     with pytest.raises(TrainingError, match="trained no step"):  # a resume that trains nothing changes nothing
         pretrain({**cfg, "trainer": {"max_epochs": 1}}, resume=True)
     assert yaml.safe_load(saved.read_text()) == written
+
+
+# Ctrl-C while Lightning starts the fit, before the first step (Lightning itself would sys.exit(1)).
+INTERRUPTED_AT_START_CLI = SIGTERMED_CLI.replace(
+    "def on_train_batch_end(self, trainer, *args):\n        if trainer.global_step == 7:\n"
+    "            os.kill(os.getpid(), signal.SIGTERM)",
+    "def setup(self, trainer, *args, **kwargs):\n        os.kill(os.getpid(), signal.SIGINT)")
+
+
+def test_ctrl_c_before_the_first_step_exits_130_and_leaves_no_run_dir(tmp_path):
+    assert "signal.SIGINT" in INTERRUPTED_AT_START_CLI
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["pretrain", "--backbone", "convnet_small", "--image-size", "8", "--max-steps", "1", "--no-online-probe",
+            "--output", str(tmp_path), "--name", "early"]
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED_AT_START_CLI, *args], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        f"selfsup: error: interrupted by Ctrl-C before the first step (nothing to resume, nothing kept in "
+        f"{tmp_path / 'early'}; rerun the command to start again)"]
+    assert not (tmp_path / "early").exists()
