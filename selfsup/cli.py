@@ -472,27 +472,32 @@ def _pretrain_config(args: argparse.Namespace) -> tuple[dict, bool]:
 
 
 def _one_line_warnings() -> None:
-    """selfsup's own warnings (skipped bad images, ...) as one ``selfsup: warning: ...`` line each, once."""
+    """selfsup's own warnings (skipped bad images, ...) printed as one ``selfsup: warning: ...`` line each, once.
+
+    Only the printed form changes (``warnings.formatwarning``): filters and recording (``catch_warnings(record=True)``,
+    ``pytest.warns``) see every warning as before.
+    """
     import warnings
     from pathlib import Path
 
     package = Path(__file__).resolve().parent
     shown: set[str] = set()
-    default = warnings.showwarning
+    default = warnings.formatwarning
 
-    def show(message, category, filename, lineno, file=None, line=None):
+    def one_line(message, category, filename, lineno, line=None):
         try:
             ours = Path(filename).resolve().is_relative_to(package)
         except (OSError, ValueError):
             ours = False
         if not ours:
-            return default(message, category, filename, lineno, file, line)
+            return default(message, category, filename, lineno, line)
         text = " ".join(str(message).split())
-        if text not in shown:
-            shown.add(text)
-            print(f"selfsup: warning: {text}", file=sys.stderr if file is None else file)
+        if text in shown:
+            return ""
+        shown.add(text)
+        return f"selfsup: warning: {text}\n"
 
-    warnings.showwarning = show
+    warnings.formatwarning = one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     args.method_given = any(a == "--method" or a.startswith("--method=") for a in argv)
     import warnings
 
-    previous_showwarning = warnings.showwarning
+    previous_formatwarning = warnings.formatwarning
     if args.command in ("pretrain", "demo"):
         _one_line_warnings()
     try:
@@ -567,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selfsup: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     finally:
-        warnings.showwarning = previous_showwarning
+        warnings.formatwarning = previous_formatwarning
     return 0
 
 
