@@ -187,7 +187,7 @@ def build_demo_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="pretrain rotation on the embedded digits and compare with a random-init encoder",
         description="Pretrains rotation prediction on scikit-learn's bundled digits (no files, no network; "
-        "with the defaults about 3 minutes on 2 CPU cores, 1 of them pretraining), prints online-probe, linear-probe and kNN accuracy of the "
+        "with the defaults the whole demo takes about 3 minutes on 2 CPU cores, its pretraining about 1), prints online-probe, linear-probe and kNN accuracy of the "
         "pretrained encoder, a random-init encoder of the same architecture and raw pixels, then runs a "
         "label-efficiency sweep and plots it (runs/<name>/eval/sweep.png).",
     )
