@@ -168,7 +168,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
             ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file; all mean "unusable"
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        text = f"not a torch checkpoint, or truncated ({type(err).__name__}: {first[:120]})"
+        text = f"not a torch checkpoint, or truncated ({type(err).__name__}: {first})"
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             text = "it holds pickled objects other than tensors (refused: loading it could run code)"
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {text}") from None
@@ -209,8 +209,8 @@ def find_resumable_checkpoint(directory: str | Path, say: Callable[[str], None] 
     """The checkpoint under ``directory`` with the most training steps among those that load.
 
     Every ``*.ckpt`` is opened memory-mapped (tensors are not read) to learn its step, so the choice
-    does not depend on modification times (a copied run directory keeps working). Says which
-    checkpoints were skipped and which one is used.
+    does not depend on modification times (a copied run directory keeps working). Says, in one line,
+    which checkpoint is used (path, epoch, step) and which were skipped and why.
 
     Raises:
         CheckpointError: no checkpoint, or none loads (each reason named).
@@ -230,7 +230,6 @@ def find_resumable_checkpoint(directory: str | Path, say: Callable[[str], None] 
     if not usable:
         raise CheckpointError(f"cannot resume: no checkpoint in {directory} loads ({'; '.join(problems)})")
     _, path, ckpt = max(usable, key=lambda u: u[0])
-    if problems:
-        say(f"selfsup: skipped {len(problems)} unusable checkpoint(s) ({problems[0]}); "
-            f"resuming from {path.name} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')})")
+    skipped = f"skipped {len(problems)} unusable checkpoint(s) ({'; '.join(problems)}); " if problems else ""
+    say(f"selfsup: {skipped}resuming from {path} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')})")
     return path, ckpt

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import re
 import typing
 from pathlib import Path
@@ -360,7 +361,45 @@ def validate_config(cfg: dict, source: str = "") -> dict:
         out[section] = checked
     if "max_time" in out.get("trainer", {}):
         out["trainer"]["max_time"] = parse_duration(out["trainer"]["max_time"], "trainer.max_time")
+    check_ranges(out, prefix)
     return out
+
+
+MAX_SEED = 2**32 - 1  # numpy's (and so Lightning's seed_everything's) largest seed
+
+# (lowest, highest, whether the highest itself is allowed) of the model's float settings, where a method has them
+_MODEL_RANGES = {
+    "momentum": (0.0, 1.0, False),
+    "weight_decay": (0.0, math.inf, False),
+    "warmup_epochs": (0.0, math.inf, False),
+}
+
+
+def check_ranges(cfg: dict, prefix: str = "") -> None:
+    """Values of the right type but out of range: one ConfigError line each, before any work."""
+    seed = cfg.get("seed")
+    if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{prefix}seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    model = cfg.get("model") or {}
+    lr = model.get("lr")
+    if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"{prefix}model.lr must be a positive number, got {lr!r}")
+    for key, (low, high, high_ok) in _MODEL_RANGES.items():
+        value = model.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        inside = low <= value <= high if high_ok else low <= value < high
+        if not inside or math.isnan(value):
+            span = f"in [{low:g}, {high:g})" if math.isfinite(high) else f"a number >= {low:g}"
+            raise ConfigError(f"{prefix}model.{key} must be {span}, got {value!r}")
+    trainer = cfg.get("trainer") or {}
+    for key in ("max_epochs", "max_steps"):
+        if trainer.get(key) == 0:
+            raise ConfigError(f"{prefix}trainer.{key} must be >= 1, or -1 for no limit, got 0")
+    if (trainer.get("max_epochs") == -1 and trainer.get("max_steps", -1) == -1 and not trainer.get("max_time")
+            and not trainer.get("fast_dev_run")):
+        raise ConfigError(f"{prefix}trainer.max_epochs and trainer.max_steps are both -1 (no limit) and no max_time "
+                          "is set, so the run would never end: give --max-epochs, --max-steps or --max-time")
 
 
 def unknown_name_message(what: str, name: Any, known) -> str:

@@ -9,6 +9,7 @@ features, and a label-efficiency sweep (accuracy against labelled images per cla
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytorch_lightning as pl
 from rich.table import Table
@@ -82,6 +83,21 @@ def run_demo(
 
     sweep_json, sweep_png = harness.sweep(ev, src, ks=ks, seeds=list(range(seeds)))
     (run.run_dir / "demo.json").write_text(json.dumps(rows, indent=2) + "\n")
-    console.print(f"run directory: {run.run_dir}  (encoder: export/, table: demo.json, sweep: eval/sweep.json, "
-                  f"plot: {sweep_png})")
+    console.print(final_line(run.run_dir, sweep_json, sweep_png), soft_wrap=True)
     return rows
+
+
+def shown_path(path) -> str:
+    """``path`` relative to the working directory when it lies under it, else absolute: one form for all."""
+    full = Path(path).resolve()
+    try:
+        return str(full.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(full)
+
+
+def final_line(run_dir, sweep_json, sweep_png) -> str:
+    """The demo's last line: where everything it wrote is, every path in the same form (see :func:`shown_path`)."""
+    run_dir = Path(run_dir)
+    return (f"run directory: {shown_path(run_dir)} (encoder: {shown_path(run_dir / 'export')}, table: "
+            f"{shown_path(run_dir / 'demo.json')}, sweep: {shown_path(sweep_json)}, plot: {shown_path(sweep_png)})")

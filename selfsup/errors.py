@@ -33,3 +33,12 @@ class TrainingStopped(TrainingError):
     """
 
     exit_code = 143
+
+
+class TrainingInterrupted(TrainingStopped):
+    """Training stopped by Ctrl-C (SIGINT); its last step was checkpointed and ``--resume`` continues it.
+
+    The CLI exits with 130 (128 + SIGINT), as a shell reports a command stopped by Ctrl-C.
+    """
+
+    exit_code = 130

@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
 
 _LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
 _MESSAGES = (
@@ -45,40 +43,47 @@ def quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
-_SELFSUP_DIR = str(Path(__file__).resolve().parent)
+_SELFSUP_DIR = Path(__file__).resolve().parent
 _PER_IMAGE = "skipping bad image"  # a streamed folder's per-file warning (it comes from each bad file)
 
 
 @contextlib.contextmanager
-def one_line_warnings(stream: TextIO | None = None) -> Iterator[None]:
+def one_line_warnings() -> Iterator[None]:
     """Within the block, selfsup's own warnings print as one ``selfsup: warning: ...`` line, each once.
 
     Python's default shows a warning as ``path/datasets.py:767: UserWarning: ...`` followed by the
     source line that raised it; a streamed folder with ``--skip-bad-images`` warned once per bad file.
-    Here a warning raised in selfsup's code (or a skipped image) is one line on ``stream`` (stderr): a
-    message already shown is not repeated, and of the per-image skip warnings only the first is shown
-    (the others are skipped without a line). Other libraries' warnings keep Python's format.
+    Here a warning raised in selfsup's code (or a skipped image) is one line on stderr: a message
+    already shown is not repeated, and of the per-image skip warnings only the first is shown (the
+    others are skipped without a line). Other libraries' warnings keep Python's format. Only the
+    printed form changes (``warnings.formatwarning``): filters and recording (``catch_warnings(record=True)``,
+    ``pytest.warns``) see every warning as before.
     """
     shown: set[str] = set()
-    original = warnings.showwarning
+    original = warnings.formatwarning
 
-    def show(message, category, filename, lineno, file=None, line=None):
+    def ours(filename: str) -> bool:
+        try:
+            return Path(filename).resolve().is_relative_to(_SELFSUP_DIR)
+        except (OSError, ValueError):
+            return False
+
+    def one_line(message, category, filename, lineno, line=None):
         text = " ".join(str(message).split())
-        ours = str(filename).startswith(_SELFSUP_DIR) or text.startswith(_PER_IMAGE)
-        if not ours:
-            return original(message, category, filename, lineno, file, line)
-        key = _PER_IMAGE if text.startswith(_PER_IMAGE) else text
+        per_image = text.startswith(_PER_IMAGE)
+        if not (per_image or ours(filename)):
+            return original(message, category, filename, lineno, line)
+        key = _PER_IMAGE if per_image else text
         if key in shown:
-            return None
+            return ""
         shown.add(key)
-        if key == _PER_IMAGE:  # the error's "..., or pass skip_bad=True (...) to skip bad files" is moot here
-            text = re.sub(r":? replace or remove it,? or pass skip_bad=True \([^)]*\) to skip bad files\.?$", "", text)
+        if per_image:  # the error's "replace or remove it, or pass --skip-bad-images ..." is moot here
+            text = re.sub(r":? replace or remove it,? or pass .* to skip bad files\.?$", "", text)
             text += " (further bad images are skipped without a line each)"
-        print(f"selfsup: warning: {text}", file=stream or sys.stderr, flush=True)
-        return None
+        return f"selfsup: warning: {text}\n"
 
-    warnings.showwarning = show
+    warnings.formatwarning = one_line
     try:
         yield
     finally:
-        warnings.showwarning = original
+        warnings.formatwarning = original

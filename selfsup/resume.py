@@ -10,7 +10,10 @@ counted afresh on every (re)start: a run stopped by its time limit and resumed t
 
 from __future__ import annotations
 
+import contextlib
 import random
+import signal
+import threading
 
 import numpy as np
 import pytorch_lightning as pl
@@ -88,26 +91,89 @@ class FreshTimer(Timer):
     """Lightning's ``max_time`` limit, counted from this (re)start: the elapsed time of a killed or
     time-limited run is not carried into its resume (which would stop it before a single step)."""
 
+    stopped = False
+    """Whether the time limit stopped the run (rather than its step or epoch limit)."""
+
     def load_state_dict(self, state_dict: dict) -> None:
         return None
 
+    def _check_time_remaining(self, trainer: pl.Trainer) -> None:
+        before = trainer.should_stop
+        super()._check_time_remaining(trainer)
+        if trainer.should_stop and not before:
+            self.stopped = True
+
+
+class StartupInterrupted(Exception):
+    """Ctrl-C before training started (Lightning turns a ``KeyboardInterrupt`` into ``sys.exit(1)``)."""
+
 
 class SaveOnSigterm(Callback):
-    """On SIGTERM (a scheduler's pre-emption, ``kill``), save the step Lightning stopped at.
+    """On SIGTERM (a scheduler's pre-emption, ``kill``) or Ctrl-C (SIGINT), save the step Lightning stopped at.
 
     Lightning answers SIGTERM by finishing the current batch and raising ``SIGTERMException`` (on every
     rank under DDP: rank 0 broadcasts the signal), so the state saved here is a whole step's, the same a
-    step checkpoint would hold; resume picks the newest checkpoint, so it continues from this step. Only
-    SIGTERM: a ``KeyboardInterrupt`` may arrive inside an optimiser step, whose state is not whole.
+    step checkpoint would hold; resume picks the newest checkpoint, so it continues from this step.
+    Ctrl-C is turned into the same request while training runs (a ``KeyboardInterrupt`` may arrive inside
+    an optimiser step, whose state is not whole): the step is saved in ``interrupt_path``. A second Ctrl-C
+    stops at once, without saving.
     """
 
-    def __init__(self, path) -> None:
+    def __init__(self, path, interrupt_path=None) -> None:
         self.path = path
+        self.sigterm_path = path
+        self.interrupt_path = interrupt_path if interrupt_path is not None else path
         self.saved = False
+        self.interrupted = False
+        self._previous = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if previous in (signal.SIG_IGN, None):  # a background job that ignores Ctrl-C keeps ignoring it
+            return
+
+        def on_sigint(signum, frame) -> None:
+            if self.interrupted:  # the second Ctrl-C: stop now
+                self._restore()
+                raise KeyboardInterrupt
+            self.interrupted = True
+            self.path = self.interrupt_path
+            trainer._signal_connector.received_sigterm = True  # stop at the next batch boundary, as SIGTERM
+
+        self._previous = previous
+        signal.signal(signal.SIGINT, on_sigint)
+
+    @contextlib.contextmanager
+    def startup_guard(self):
+        """Around ``trainer.fit``: a Ctrl-C before the first step raises :class:`StartupInterrupted`."""
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
+            yield
+            return
+
+        def on_sigint(signum, frame) -> None:
+            raise StartupInterrupted
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+        self._restore()
         if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
             trainer.save_checkpoint(self.path)
             self.saved = True

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,12 +83,41 @@ def _take_lock(run_dir: Path, take_over_stale: bool) -> Path:
     raise RunDirError(f"{run_dir} is in use by another selfsup run; pass another --name")
 
 
+def _has_results(run_dir: Path) -> bool:
+    """Whether a run directory holds something a run produced: a checkpoint or an export."""
+    return any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "export").exists()
+
+
+def _empty(run_dir: Path, keep: Path | None = None) -> None:
+    for p in run_dir.iterdir():
+        if p == keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def is_leftover(run_dir: Path) -> bool:
+    """A run directory no run uses and nothing can resume: no checkpoint, no export, no live lock.
+
+    What a run killed (or failed) before its first checkpoint leaves; a rerun with its name may take it.
+    """
+    if _has_results(run_dir):
+        return False
+    lock = run_dir / LOCK_NAME
+    return not lock.exists() or _lock_is_stale(_read_lock(lock))
+
+
 @contextlib.contextmanager
 def claim_run_dir(output: str | Path, name: str | None, base: str, resume: bool) -> Iterator[Path]:
     """Create (or, for ``resume``, lock) the run directory; yields it and releases the lock afterwards.
 
-    ``name=None`` picks ``base``, ``base-1``, ... whichever ``os.mkdir`` creates first. If the block
-    raises before the run wrote anything but the lock, a directory this call created is removed again.
+    ``name=None`` picks ``base``, ``base-1``, ... whichever ``os.mkdir`` creates first. A given ``name``
+    whose directory holds no checkpoint, no export and no live lock (a run that died before its first
+    checkpoint) is emptied and reused. If the block raises before the run wrote a checkpoint or an export,
+    the directory goes again (a folder made by hand, empty before, is emptied), so a failed start never
+    blocks a rerun.
 
     Raises:
         RunDirError: the name is taken (or in use by a live run), the output folder is read-only or full.
@@ -97,7 +127,7 @@ def claim_run_dir(output: str | Path, name: str | None, base: str, resume: bool)
         output.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise _os_error(err, output, "create the output folder") from None
-    created = False
+    created = leftover = False
     if resume:
         if not name:
             raise ConfigError("--resume needs the --name of the run to continue")
@@ -117,6 +147,9 @@ def claim_run_dir(output: str | Path, name: str | None, base: str, resume: bool)
                 if name and path.is_dir() and not any(path.iterdir()):
                     run_dir = path  # an empty folder made by hand: ours once the lock is ours
                     break
+                if name and path.is_dir() and is_leftover(path):
+                    run_dir, leftover = path, True  # a run that died before its first checkpoint
+                    break
                 if name:
                     info = _read_lock(path / LOCK_NAME) if path.is_dir() else {}
                     busy = f" and in use by pid {info['pid']}" if info.get("pid") and not _lock_is_stale(info) else ""
@@ -127,13 +160,19 @@ def claim_run_dir(output: str | Path, name: str | None, base: str, resume: bool)
                 raise _os_error(err, path, "create the run directory") from None
         if run_dir is None:
             raise RunDirError(f"no free run directory name under {output} for {base}")
-    lock = _take_lock(run_dir, take_over_stale=resume)
+    lock = _take_lock(run_dir, take_over_stale=resume or leftover)
+    if leftover:  # the lock is ours: what the dead run left goes, the name is this run's
+        _empty(run_dir, keep=lock)
+        print(f"selfsup: note: reusing {run_dir}: the run there left no checkpoint and no export", file=sys.stderr)
     try:
         yield run_dir
     except BaseException:
         lock.unlink(missing_ok=True)
-        if created and not any(run_dir.iterdir()):
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if not resume and not _has_results(run_dir):  # failed before its first checkpoint: nothing worth keeping
+            if created or leftover:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:  # a folder made by hand, empty before: empty again
+                _empty(run_dir)
         raise
     lock.unlink(missing_ok=True)
 

@@ -22,6 +22,7 @@ import contextlib
 import inspect
 import json
 import os
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from selfsup.checkpoint import (
 from selfsup.config import (  # noqa: F401  (re-exported: the config API lived here first)
     DATA_DEFAULTS,
     TRAINER_DEFAULTS,
+    check_ranges,
     default_config,
     load_config,
     merge_config,
@@ -50,11 +52,11 @@ from selfsup.config import (  # noqa: F401  (re-exported: the config API lived h
 )
 from selfsup.data.datamodule import SelfSupDataModule
 from selfsup.divergence import DivergenceGuard
-from selfsup.errors import ConfigError, TrainingError, TrainingStopped
+from selfsup.errors import ConfigError, TrainingError, TrainingInterrupted, TrainingStopped
 from selfsup.eval.online import OnlineLinearProbe
 from selfsup.progress import lightning_bar
 from selfsup.quiet import quiet_lightning
-from selfsup.resume import ExactResume, FreshTimer, SaveOnSigterm
+from selfsup.resume import ExactResume, FreshTimer, SaveOnSigterm, StartupInterrupted
 from selfsup.runs import claim_run_dir, merge_metrics, set_aside_metrics
 from selfsup.ssl.module import METHODS, SSLModule, build_method
 from selfsup.ssl.module import method_arguments as class_arguments
@@ -76,6 +78,11 @@ class RunResult:
     datamodule: SelfSupDataModule
     metrics: dict
     probe: OnlineLinearProbe | None
+    stopped_by_time: str | None = None
+    """The ``max_time`` limit (``DD:HH:MM:SS``) when it ended the run before its step and epoch limits
+    (``--resume`` continues it), else None."""
+    global_step: int = 0
+    resume_command: str = ""
 
 
 RUN_DIR_ENV = "SELFSUP_RUN_DIR"
@@ -126,6 +133,7 @@ def resolve_config(config: dict | None, resume: bool = False) -> dict:
     if "checkpoint_every" in given:
         run["checkpoint_every"] = cfg["checkpoint_every"]
     run["output"], run["name"] = cfg["output"], cfg["name"]
+    check_ranges(run)  # the run's own settings with the new limits: still a run that ends
     return run
 
 
@@ -163,6 +171,12 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
         os.environ[RUN_DIR_ENV] = str(run_dir)
         cfg["name"] = run_dir.name
         return _fit(cfg, run_dir, dm, model, resume, callbacks or [], launcher_zero)
+
+
+def resume_command(cfg: dict, run_dir: Path) -> str:
+    """The command line that continues the run in ``run_dir`` (its saved config.yaml holds the rest)."""
+    output = "" if Path(cfg["output"]) == Path("runs") else f" --output {shlex.quote(str(cfg['output']))}"
+    return f"selfsup pretrain --resume --name {shlex.quote(run_dir.name)}{output}"
 
 
 def log_interval(requested: int, n_train: int, global_batch: int, accumulate: int = 1) -> int:
@@ -208,7 +222,8 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
             clean_stale_temp_files(d)
     ckpt_path, resumed_step = None, None
     if resume:
-        ckpt_path, ckpt = find_resumable_checkpoint(ckpt_dir, say=lambda m: print(m, file=sys.stderr))
+        ckpt_path, ckpt = find_resumable_checkpoint(
+            ckpt_dir, say=lambda m: print(m, file=sys.stderr) if launcher_zero else None)
         resumed_step = int(ckpt["global_step"])
         del ckpt
 
@@ -216,7 +231,8 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
     trainer_kwargs = dict(cfg["trainer"])
     max_time = trainer_kwargs.pop("max_time", None)
     every = cfg.get("checkpoint_every")
-    sigterm = SaveOnSigterm(ckpt_dir / "sigterm.ckpt")
+    timer = FreshTimer(duration=max_time, interval="step") if max_time else None
+    sigterm = SaveOnSigterm(ckpt_dir / "sigterm.ckpt", ckpt_dir / "interrupt.ckpt")
     cbs = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1),
         # resume takes the newest checkpoint that loads, so this one needs no last.ckpt of its own
@@ -225,7 +241,7 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
         ExactResume(),
         sigterm,
         DivergenceGuard(),
-        *([FreshTimer(duration=max_time, interval="step")] if max_time else []),
+        *([timer] if timer else []),
         *([probe] if probe else []),
         *callbacks,
     ]
@@ -266,24 +282,39 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
                                       trainer.accumulate_grad_batches, type(model).optimizer_steps_per_batch)
         if last is not None:  # a run shorter than an epoch still validates once, at its last step
             trainer.val_check_interval = last
+    saved_config = None
     if launcher_zero:
-        if not resume:
-            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        # on resume too: config.yaml holds what this run trains with (a larger --max-epochs, say)
+        config_path = run_dir / "config.yaml"
+        saved_config = config_path.read_text() if resume and config_path.is_file() else None
+        atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
         set_aside_metrics(run_dir)
     try:
         with warnings.catch_warnings(), quiet():
             # metrics.csv was set aside above and is merged back below: nothing is deleted.
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-            trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+            with sigterm.startup_guard():
+                trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except StartupInterrupted:
+        kept = (f"nothing new; continue it with: {resume_command(cfg, run_dir)}" if resume
+                else f"nothing to resume, nothing kept in {run_dir}; rerun the command to start again")
+        raise TrainingInterrupted(f"interrupted by Ctrl-C before the first step ({kept})") from None
     except SIGTERMException:  # Lightning stopped at a batch boundary; SaveOnSigterm saved that step
-        kept = (f"step {trainer.global_step} saved in {sigterm.path}" if sigterm.saved
-                else "no step was trained yet")
-        raise TrainingStopped(f"stopped by SIGTERM ({kept}); run the same command with --resume to continue "
-                              f"{run_dir}") from None
+        what, error = ("interrupted by Ctrl-C", TrainingInterrupted) if sigterm.interrupted else \
+            ("stopped by SIGTERM", TrainingStopped)
+        if sigterm.saved:
+            how = f"step {trainer.global_step} saved in {sigterm.path}); continue it with: {resume_command(cfg, run_dir)}"
+        elif resume:
+            how = f"no new step trained); continue it with: {resume_command(cfg, run_dir)}"
+        else:  # claim_run_dir removes (or empties) the directory: nothing in it could be resumed
+            how = f"before its first step: nothing to resume, nothing kept in {run_dir}); rerun the command to start again"
+        raise error(f"{what} ({how}") from None
     finally:
         if trainer.is_global_zero:
             merge_metrics(run_dir, resumed_step)
     if resumed_step is not None and trainer.global_step <= resumed_step:
+        if saved_config is not None:  # nothing was trained with the new settings: the run's own stay
+            atomic_write_text(run_dir / "config.yaml", saved_config)
         limits = {k: cfg["trainer"][k] for k in ("max_epochs", "max_steps")}
         raise TrainingError(
             f"--resume trained no step: {run_dir.name} already reached its limits ({limits}, at step "
@@ -293,4 +324,8 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
     if trainer.is_global_zero:
         model.export(run_dir / "export", data={"data": cfg["data"]["data"], "image_size": dm.image_size})
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    return RunResult(run_dir, model, dm, metrics, probe)
+    limits_reached = (0 < trainer.max_steps <= trainer.global_step) or (
+        0 < (trainer.max_epochs or 0) <= trainer.current_epoch)
+    stopped_by_time = max_time if timer is not None and timer.stopped and not limits_reached else None
+    return RunResult(run_dir, model, dm, metrics, probe, stopped_by_time, trainer.global_step,
+                     resume_command(cfg, run_dir))

@@ -94,7 +94,8 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
     said = []
     path, ckpt = find_resumable_checkpoint(tmp_path, say=said.append)
     assert path.name == "epoch=0-step=5.ckpt" and ckpt["global_step"] == 5
-    assert len(said) == 1 and "resuming from epoch=0-step=5.ckpt" in said[0] and "last.ckpt" in said[0]
+    assert len(said) == 1 and f"resuming from {tmp_path / 'epoch=0-step=5.ckpt'} (epoch 0, step 5)" in said[0]
+    assert "skipped 1 unusable checkpoint(s)" in said[0] and "last.ckpt" in said[0]
     (tmp_path / "epoch=0-step=5.ckpt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="no checkpoint in .* loads"):
         find_resumable_checkpoint(tmp_path, say=said.append)

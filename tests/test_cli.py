@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -67,6 +68,10 @@ def test_demo_runs_and_prints_the_table(tmp_path):
         assert 0 <= row["linear_top1"] <= 100 and 0 <= row["knn_top1"] <= 100
     assert rows["pixels"]["online_top1"] is None
     assert (run / "eval" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rel = run.relative_to(tmp_path)
+    assert r.stdout.strip().splitlines()[-1] == (
+        f"run directory: {rel} (encoder: {rel}/export, table: {rel}/demo.json, sweep: {rel}/eval/sweep.json, "
+        f"plot: {rel}/eval/sweep.png)")
 
 
 @pytest.mark.parametrize(
@@ -149,3 +154,108 @@ def test_pretrain_output_is_selfsups_own_unless_verbose(tmp_path, monkeypatch, c
     assert cli.main([*base, "--name", "loud", "--verbose"]) == 0
     out = "".join(capfd.readouterr())
     assert "Total params" in out  # the model summary (Lightning's info lines go to logging, captured by pytest)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "argument --epochs: must be at least 1, got '0'"),
+    (["--seeds", "0"], "argument --seeds: must be at least 1, got '0'"),
+    (["--seeds", "-2"], "argument --seeds: must be at least 1, got '-2'"),
+    (["--epochs", "1.5"], "argument --epochs: expected a whole number, got '1.5'"),
+])
+def test_demo_counts_fail_in_one_line_before_any_work(args, message, tmp_path, capsys):
+    from selfsup import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", *args, "--output", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_stopped_by_max_time_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    from selfsup import cli
+    from selfsup.train import RUN_DIR_ENV
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(RUN_DIR_ENV, "")
+    base = ["pretrain", "--backbone", "convnet_small", "--image-size", "8", "--no-online-probe", "--name", "t"]
+    assert cli.main([*base, "--max-epochs", "500", "--max-time", "1s"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "run written to" in ln]
+    assert len(lines) == 1
+    m = re.fullmatch(r"stopped at the time limit \(--max-time 00:00:00:01\) after (\d+) steps; run written to "
+                     r"runs/t \(encoder of that step in runs/t/export\); continue it with: "
+                     r"selfsup pretrain --resume --name t", lines[0])
+    assert m, lines[0]
+    last = torch.load(tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 1 <= int(m.group(1)) == last["global_step"] < 500 * 6
+
+
+def test_resume_says_which_checkpoint_it_continues_from(tmp_path, monkeypatch, capsys):
+    from selfsup import cli
+    from selfsup.train import RUN_DIR_ENV
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(RUN_DIR_ENV, "")
+    base = ["pretrain", "--backbone", "convnet_small", "--image-size", "8", "--no-online-probe", "--name", "r"]
+    assert cli.main([*base, "--max-steps", "2"]) == 0
+    assert "resuming" not in capsys.readouterr().err
+    assert cli.main([*base, "--resume", "--max-steps", "3"]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "resuming" in ln]
+    assert len(err) == 1 and re.fullmatch(
+        r"selfsup: resuming from runs/r/checkpoints/\S+\.ckpt \(epoch 0, step 2\)", err[0]), err
+
+
+def test_skipped_images_are_one_whole_warning_line_and_the_hint_names_the_flag(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "d" / split / c / f"{i}.png")
+    (tmp_path / "d" / "train" / "a" / "bad.png").write_bytes(b"not an image")
+    args = ["pretrain", "--backbone", "convnet_small", "--data", "d", "--batch-size", "4", "--max-steps", "1",
+            "--no-online-probe"]
+    r = run_cli(*args, "--name", "s", "--skip-bad-images", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bad = tmp_path / "d" / "train" / "a" / "bad.png"
+    lines = [ln for ln in r.stderr.splitlines() if "bad" in ln]
+    assert lines == [f"selfsup: warning: skipped 1 bad file(s) in {tmp_path / 'd' / 'train'} (first: {bad})"], r.stderr
+    r = run_cli(*args, "--name", "t", cwd=tmp_path)
+    assert r.returncode == 2 and "pass --skip-bad-images" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_pretrain_help_shows_the_defaults_a_run_actually_uses(capsys):
+    import argparse
+
+    from selfsup import cli
+    from selfsup.train import resolve_config
+
+    p = cli.build_pretrain_parser(argparse.ArgumentParser().add_subparsers(), "rotation")
+    helps = {a.dest: a.help for a in p._actions}
+    used = resolve_config({})  # no flag, no --config: what the run trains with
+    for section, flags in (("trainer", cli.TRAINER_FLAGS), ("data", ["batch_size"])):
+        for name in flags:
+            value = used[section][name]
+            assert helps[name].endswith(f"(default: {'none' if value is None else value})"), (name, helps[name])
+    for name, value in used["model"].items():
+        assert helps[name].endswith(f"(default: {value!r})"), (name, helps[name])
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "epochs to train (default: 100)" in out and "images per batch per device (default: 256)" in out
+
+
+def test_demo_final_line_gives_every_path_in_one_form(tmp_path, monkeypatch):
+    from selfsup.demo import final_line
+
+    monkeypatch.chdir(tmp_path)
+    line = final_line("runs/d", tmp_path / "runs" / "d" / "eval" / "sweep.json", "runs/d/eval/sweep.png")
+    assert line == ("run directory: runs/d (encoder: runs/d/export, table: runs/d/demo.json, "
+                    "sweep: runs/d/eval/sweep.json, plot: runs/d/eval/sweep.png)")
+    out = tmp_path.parent / "elsewhere"  # outside the working directory: absolute, all of them
+    line = final_line(out, out / "eval" / "sweep.json", out / "eval" / "sweep.png")
+    assert line == (f"run directory: {out} (encoder: {out / 'export'}, table: {out / 'demo.json'}, "
+                    f"sweep: {out / 'eval' / 'sweep.json'}, plot: {out / 'eval' / 'sweep.png'})")

@@ -38,6 +38,26 @@ def test_every_bad_value_is_named(override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("override", [
+    {"trainer": {"max_epochs": -1, "max_steps": -1, "max_time": "1m"}},  # a time limit ends it
+    {"trainer": {"max_epochs": -1, "max_steps": 5}},
+    {"trainer": {"max_epochs": -1, "max_steps": -1, "fast_dev_run": 1}},
+    {"model": {"momentum": 0.0, "weight_decay": 0.0, "warmup_epochs": 0.0}, "seed": 4294967295},
+])
+def test_edge_values_in_range_pass(override):
+    _validate(override)
+
+
+def test_resume_with_limits_that_never_end_is_refused(tmp_path):
+    from selfsup.train import resolve_config
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: rotation\ntrainer: {max_epochs: -1, max_steps: 5}\n")
+    with pytest.raises(ConfigError, match="would never end"):
+        resolve_config({"output": str(tmp_path), "name": "r", "trainer": {"max_steps": -1}}, resume=True)
+
+
 def test_good_values_pass_and_are_normalised():
     cfg = _validate({"model": {"lr": "1e-3", "crop_scale": 1}, "trainer": {"max_time": "1h30m", "devices": [0, 1],
                                                                           "max_epochs": 3.0}})
@@ -114,6 +134,15 @@ def _cli(capsys, monkeypatch, tmp_path, *argv):
         ([], "model:\n  lrr: 0.1\n", "c.yaml: unknown config.model key 'lrr' (did you mean 'lr'?)"),
         (["--backbone", "resnet_typo", "--max-epochs", "1"], None, "unknown backbone 'resnet_typo'"),
         (["--trainer-typo"], None, "unrecognized arguments"),
+        (["--seed", "-1"], None, "seed must be a whole number from 0 to 4294967295, got -1"),
+        (["--seed", "1.5"], None, "argument --seed: invalid int value: '1.5'"),
+        (["--momentum", "1.5"], None, "model.momentum must be in [0, 1), got 1.5"),
+        (["--weight-decay", "-0.1"], None, "model.weight_decay must be a number >= 0, got -0.1"),
+        (["--warmup-epochs", "-1"], None, "model.warmup_epochs must be a number >= 0, got -1.0"),
+        (["--max-epochs", "0"], None, "trainer.max_epochs must be >= 1, or -1 for no limit, got 0"),
+        (["--max-steps", "0"], None, "trainer.max_steps must be >= 1, or -1 for no limit, got 0"),
+        (["--max-epochs", "-1", "--max-steps", "-1"], None, "so the run would never end"),
+        ([], "seed: 4294967296\n", "c.yaml: seed must be a whole number from 0 to 4294967295"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_writes_nothing(capsys, monkeypatch, tmp_path, argv, config, message):

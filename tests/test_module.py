@@ -74,6 +74,51 @@ def test_warmup_cosine_schedule():
     assert lrs[-1] < 0.01
 
 
+def _schedule_of(tmp_path, name, trainer, stop_after=None):
+    """LRs of each step of a tiny digits run (5 steps an epoch) and the scheduler's LR after the last."""
+    from pytorch_lightning.callbacks import Callback
+
+    from selfsup.train import pretrain
+
+    class Record(Callback):
+        def __init__(self):
+            self.lrs = []
+
+        def on_train_batch_start(self, t, *args):
+            self.lrs.append(t.optimizers[0].param_groups[0]["lr"])
+
+        def on_train_batch_end(self, t, *args):
+            if len(self.lrs) == stop_after:
+                t.should_stop = True
+
+        def on_train_end(self, t, *args):
+            self.final = t.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
+
+    rec = Record()
+    pretrain({"method": "rotation", "model": {"backbone": "convnet_small", "lr": 0.1, "warmup_epochs": 1.0},
+              "data": {"image_size": 8, "batch_size": 256}, "trainer": trainer, "online_probe": False,
+              "output": str(tmp_path), "name": name}, callbacks=[rec])
+    return rec.lrs, rec.final
+
+
+@pytest.mark.slow
+def test_lr_schedule_ends_at_max_steps_with_unbounded_epochs_and_warms_up_one_real_epoch(tmp_path):
+    lrs, final = _schedule_of(tmp_path, "steps", {"max_epochs": -1, "max_steps": 12})
+    assert len(lrs) == 12
+    assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # one epoch (5 steps) of warm-up, not half the run
+    assert all(a > b for a, b in zip(lrs[5:], lrs[6:], strict=False)) and lrs[-1] < 0.01
+    assert final == pytest.approx(0.0, abs=1e-9)  # the cosine ends exactly at step 12
+
+
+@pytest.mark.slow
+def test_lr_with_only_a_time_limit_is_constant_after_warm_up(tmp_path):
+    # an hour's limit that the test does not wait for: it stops the run itself after 8 steps
+    lrs, final = _schedule_of(tmp_path, "time", {"max_epochs": -1, "max_steps": -1, "max_time": "1h"}, stop_after=8)
+    assert len(lrs) == 8, lrs
+    assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
+    assert lrs[5:] == pytest.approx([0.1] * (len(lrs) - 5)) and final == pytest.approx(0.1)
+
+
 def test_project_root_does_not_shadow_stdlib_ssl():
     from pathlib import Path
 

@@ -120,3 +120,69 @@ def test_sigterm_saves_the_step_exits_143_and_resume_continues_exactly(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = _losses(tmp_path / "full")
     assert len(expected) == 10 and _losses(run) == expected  # every step once, bit-identical
+
+
+# The CLI with a callback that presses Ctrl-C (SIGINT to this process) after step 7.
+INTERRUPTED_CLI = SIGTERMED_CLI.replace("signal.SIGTERM", "signal.SIGINT")
+
+
+def test_ctrl_c_saves_the_step_exits_130_in_one_line_and_resume_continues(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["pretrain", "--method", "rotation", "--backbone", "convnet_small", "--image-size", "8",
+            "--batch-size", "256", "--max-epochs", "2", "--log-every-n-steps", "1", "--no-online-probe",
+            "--output", str(tmp_path), "--name", "cut"]
+    cut = subprocess.run([sys.executable, "-c", INTERRUPTED_CLI, *args], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert cut.returncode == 130, cut.stderr[-3000:]
+    assert "Traceback" not in cut.stderr
+    lines = cut.stderr.strip().splitlines()
+    assert len(lines) == 1, cut.stderr
+    saved = tmp_path / "cut" / "checkpoints" / "interrupt.ckpt"
+    assert lines[0] == (f"selfsup: error: interrupted by Ctrl-C (step 7 saved in {saved}); continue it with: "
+                        f"selfsup pretrain --resume --name cut --output {tmp_path}")
+    assert not (tmp_path / "cut" / "export").exists()
+    path, ckpt = find_resumable_checkpoint(saved.parent)
+    assert path == saved and ckpt["global_step"] == 7
+    resumed = subprocess.run([sys.executable, "-m", "selfsup", *args, "--resume"], capture_output=True, text=True,
+                             env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [int(s) for s, _ in _losses(tmp_path / "cut")] == list(range(10))  # every step once
+
+
+def test_resume_with_new_limits_updates_config_yaml(tmp_path):
+    import yaml
+
+    cfg = {**CONFIG, "output": str(tmp_path), "name": "r", "online_probe": False, "checkpoint_every": None,
+           "trainer": {"max_epochs": 1, "log_every_n_steps": 1}}
+    pretrain(cfg)
+    saved = tmp_path / "r" / "config.yaml"
+    assert yaml.safe_load(saved.read_text())["trainer"]["max_epochs"] == 1
+    again = pretrain({**cfg, "trainer": {"max_epochs": 2}, "checkpoint_every": 3}, resume=True)
+    assert again.global_step == 10
+    written = yaml.safe_load(saved.read_text())
+    assert written["trainer"]["max_epochs"] == 2 and written["checkpoint_every"] == 3  # what the resumed run used
+    assert written["model"]["backbone"] == "convnet_small" and written["trainer"]["log_every_n_steps"] == 1
+    with pytest.raises(TrainingError, match="trained no step"):  # a resume that trains nothing changes nothing
+        pretrain({**cfg, "trainer": {"max_epochs": 1}}, resume=True)
+    assert yaml.safe_load(saved.read_text()) == written
+
+
+# Ctrl-C while Lightning starts the fit, before the first step (Lightning itself would sys.exit(1)).
+INTERRUPTED_AT_START_CLI = SIGTERMED_CLI.replace(
+    "def on_train_batch_end(self, trainer, *args):\n        if trainer.global_step == 7:\n"
+    "            os.kill(os.getpid(), signal.SIGTERM)",
+    "def setup(self, trainer, *args, **kwargs):\n        os.kill(os.getpid(), signal.SIGINT)")
+
+
+def test_ctrl_c_before_the_first_step_exits_130_and_leaves_no_run_dir(tmp_path):
+    assert "signal.SIGINT" in INTERRUPTED_AT_START_CLI
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["pretrain", "--backbone", "convnet_small", "--image-size", "8", "--max-steps", "1", "--no-online-probe",
+            "--output", str(tmp_path), "--name", "early"]
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED_AT_START_CLI, *args], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        f"selfsup: error: interrupted by Ctrl-C before the first step (nothing to resume, nothing kept in "
+        f"{tmp_path / 'early'}; rerun the command to start again)"]
+    assert not (tmp_path / "early").exists()

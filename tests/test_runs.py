@@ -111,3 +111,64 @@ def test_two_cli_runs_with_one_name_started_together(tmp_path):
     with (run / "metrics.csv").open() as f:
         steps = [r["step"] for r in csv.DictReader(f) if r.get("train/loss")]
     assert steps == ["0", "1"]  # one run's rows only
+
+
+def test_a_rerun_takes_over_a_dir_left_with_no_checkpoint_and_no_export(tmp_path, capsys):
+    import json
+    import socket
+
+    run = tmp_path / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("x")
+    (run / "metrics.csv").write_text("step\n")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    with claim_run_dir(tmp_path, "r", "r", resume=False) as got:
+        assert got == run and sorted(p.name for p in run.iterdir()) == [LOCK_NAME]
+        (run / "config.yaml").write_text("new")
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_text("ckpt")
+    assert "reusing" in capsys.readouterr().err
+    # a checkpoint, an export or a live lock keeps a directory its run's
+    with pytest.raises(RunDirError, match="already exists"), claim_run_dir(tmp_path, "r", "r", resume=False):
+        pass
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (run / "export").mkdir()
+    with pytest.raises(RunDirError, match="already exists"), claim_run_dir(tmp_path, "r", "r", resume=False):
+        pass
+    (run / "export").rmdir()
+    (run / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))
+    with pytest.raises(RunDirError, match="in use by pid"), claim_run_dir(tmp_path, "r", "r", resume=False):
+        pass
+    assert (run / "config.yaml").read_text() == "new"
+
+
+def test_a_run_failing_before_its_first_checkpoint_removes_its_dir(tmp_path):
+    with pytest.raises(ValueError), claim_run_dir(tmp_path, "early", "rot", resume=False) as run:
+        (run / "config.yaml").write_text("x")
+        (run / "checkpoints").mkdir()
+        raise ValueError("failed at startup")
+    assert not (tmp_path / "early").exists()
+    with pytest.raises(ValueError), claim_run_dir(tmp_path, "late", "rot", resume=False) as run:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_text("ckpt")
+        raise ValueError("failed after a checkpoint")
+    assert (tmp_path / "late" / "checkpoints" / "last.ckpt").is_file()  # resumable: kept
+
+
+@pytest.mark.slow
+def test_pretrain_failing_at_train_start_leaves_no_dir_and_a_rerun_works(tmp_path):
+    from pytorch_lightning.callbacks import Callback
+
+    from selfsup.train import pretrain
+
+    class FailAtStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            raise RuntimeError("startup failure")
+
+    cfg = {"method": "rotation", "model": {"backbone": "convnet_small"}, "data": {"image_size": 8},
+           "trainer": {"max_steps": 1}, "online_probe": False, "output": str(tmp_path), "name": "n"}
+    with pytest.raises(RuntimeError, match="startup failure"):
+        pretrain(cfg, callbacks=[FailAtStart()])
+    assert not (tmp_path / "n").exists()
+    assert (pretrain(cfg).run_dir / "export" / "config.json").is_file()

@@ -61,7 +61,7 @@ _CHUNK = 256  # images per pool task
 
 _TORCHVISION = ("cifar10", "cifar100", "stl10", "svhn")
 _SPLITS = ("train", "val")
-_SKIP_HINT = "or pass skip_bad=True (--skip-bad-images) to skip bad files"
+_SKIP_HINT = "or pass --skip-bad-images (skip_bad=True) to skip bad files"
 
 
 # --------------------------------------------------------------------------------------------------

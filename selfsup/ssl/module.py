@@ -263,11 +263,28 @@ class SSLModule(pl.LightningModule):
         return Lars(groups, lr=lr, momentum=self.hparams.momentum)
 
     def lr_lambda(self):
-        """Per-step LR multiplier for the configured warm-up + cosine schedule."""
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        steps_per_epoch = total / epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else total
+        """Per-step LR multiplier for the configured warm-up + cosine schedule.
+
+        The cosine ends at the run's last optimiser step (``--max-steps``, or the epochs' steps, whichever
+        comes first); ``warmup_epochs`` counts real epochs of the training data. A run bounded by
+        ``--max-time`` only (``--max-epochs -1 --max-steps -1``) has no known length: the LR warms up, then
+        stays at its peak.
+        """
+        t = self.trainer
+        total = t.estimated_stepping_batches
+        if t.train_dataloader is None:  # Lightning skips loading it when max_epochs is -1
+            t.fit_loop.setup_data()
+        batches = t.num_training_batches
+        if math.isfinite(batches) and batches > 0:
+            steps_per_epoch = math.ceil(batches / max(1, t.accumulate_grad_batches))
+            if t.max_steps > 0 and total == t.max_steps:  # max_steps counts every optimiser step (a GAN's two)
+                steps_per_epoch *= self.optimizer_steps_per_batch
+        else:  # data of unknown length: the old estimate from the epochs
+            steps_per_epoch = total / t.max_epochs if t.max_epochs and t.max_epochs > 0 and math.isfinite(total) else 1
         warmup = int(self.hparams.warmup_epochs * steps_per_epoch)
+        if not math.isfinite(total) or total <= 0:
+            return lambda step: (step + 1) / warmup if step < warmup else 1.0
+        total = max(1, int(total))
         warmup = min(warmup, total // 2)
         return lambda step: warmup_cosine(step, warmup, total)
 
