@@ -412,9 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = method_config(method, preset, data, work, overrides, run_name(label))
         try:
             run_dir = pretrain_once(cfg, work)
-        except TrainingStopped as err:  # SIGTERM: the step was saved, a rerun of this command resumes it
+        except TrainingStopped as err:  # SIGTERM or Ctrl-C: the step was saved, a rerun of this command resumes it
             print(f"quality.py: {label}: {err}", file=sys.stderr)
-            return TrainingStopped.exit_code
+            return err.exit_code  # 143 for SIGTERM, 130 for Ctrl-C
         print(f"{label}: evaluating ...", flush=True)
         supervised = read_supervised()
         res = evaluate_method(label, run_dir, preset, supervised)

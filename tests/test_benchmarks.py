@@ -93,3 +93,19 @@ def test_quality_image_budget_counts_batches_not_optimiser_steps(bench, tmp_path
     assert rp["trainer"]["max_steps"] == -(-100_000 // rp["data"]["batch_size"])
     # the image budget alone ends a run, even one longer than an epoch
     assert rot["trainer"]["max_epochs"] == rp["trainer"]["max_epochs"] == -1
+
+
+@pytest.mark.parametrize("stop, code", [("TrainingStopped", 143), ("TrainingInterrupted", 130)])
+def test_quality_stopped_pretraining_exits_with_the_signals_code(bench, tmp_path, monkeypatch, capsys, stop, code):
+    import quality
+
+    from selfsup import errors
+
+    def stopped(cfg, work):
+        raise getattr(errors, stop)("stopped at step 3: checkpoints/x.ckpt; rerun to resume")
+
+    monkeypatch.setattr(quality, "pretrain_once", stopped)
+    rc = quality.main(["--preset", "cpu-smoke", "--methods", "rotation", "--work", str(tmp_path / "w"),
+                       "--out", str(tmp_path / "q")])
+    assert rc == code  # SIGTERM 143, Ctrl-C 130, as the shell would report the signal
+    assert "quality.py: rotation: stopped at step 3" in capsys.readouterr().err
