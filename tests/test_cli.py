@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import selfsup
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 
 pytestmark = pytest.mark.slow
 FAST = ["--backbone", "convnet_small", "--data", "digits", "--image-size", "16", "--batch-size", "128"]
@@ -223,7 +223,7 @@ def test_skipped_images_are_one_whole_warning_line_and_the_hint_names_the_flag(t
     bad = tmp_path / "d" / "train" / "a" / "bad.png"
     lines = [ln for ln in r.stderr.splitlines() if "bad" in ln]
     assert lines == [f"selfsup: warning: skipped 1 bad file(s) in {tmp_path / 'd' / 'train'} (first: {bad})"], r.stderr
-    r = run_cli(*args, "--name", "t", cwd=tmp_path)
+    r = run_cli_here(*args, "--name", "t", cwd=tmp_path)
     assert r.returncode == 2 and "pass --skip-bad-images" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

@@ -1,12 +1,13 @@
 """`selfsup features|probe|knn|sweep` end to end on the embedded digits, as a user runs them."""
 
 import json
+import shutil
 import sys
 
 import pytest
 
 from selfsup.train import pretrain
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +116,7 @@ def one_line_error(r, message: str) -> None:
      "argument --finetune-steps: must be a positive integer, got '0'"),
 ])
 def test_bad_sizes_are_one_line_errors(tmp_path, args, message):
-    one_line_error(run_cli(*args, cwd=tmp_path), message)
+    one_line_error(run_cli_here(*args, cwd=tmp_path), message)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -128,15 +129,15 @@ def test_gpu_options_without_a_gpu_are_one_line_errors(tmp_path, args, message):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    r = run_cli("knn", "--random-init", "convnet_small", "--data", "digits", *args, "--output", str(tmp_path),
-                cwd=tmp_path)
+    r = run_cli_here("knn", "--random-init", "convnet_small", "--data", "digits", *args, "--output", str(tmp_path),
+                     cwd=tmp_path)
     one_line_error(r, message)
 
 
 def test_plot_retrieval_asks_for_no_more_than_the_data_has(run_dir):
-    r = run_cli("plot", str(run_dir), "retrieval", "--queries", "100000", cwd=run_dir.parent)
+    r = run_cli_here("plot", str(run_dir), "retrieval", "--queries", "100000", cwd=run_dir.parent)
     one_line_error(r, "--queries 100000 is more than the 360 test images of digits; give at most 360")
-    r = run_cli("plot", str(run_dir), "retrieval", "--k", "100000", cwd=run_dir.parent)
+    r = run_cli_here("plot", str(run_dir), "retrieval", "--k", "100000", cwd=run_dir.parent)
     one_line_error(r, "--k 100000 is more than the 1437 training images of digits; give at most 1437")
 
 
@@ -260,6 +261,12 @@ def test_skip_bad_images_flag_for_an_export_or_a_random_init(bad_run, tmp_path):
                 str(tmp_path / "rnd"), "--skip-bad-images", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "train (24, " in r.stdout
+    # an export copied away from its run (no config.yaml beside it) still skips what its run skipped
+    shutil.copytree(bad_run / "export", tmp_path / "moved" / "export")
+    r = run_cli("features", str(tmp_path / "moved" / "export"), "--no-baselines", "--output", str(tmp_path / "mv"),
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "train (24, " in r.stdout
 
 
 def test_skipped_images_warn_in_one_selfsup_line_each_once(bad_run):
@@ -356,15 +363,15 @@ def test_results_on_other_data_or_size_do_not_overwrite_the_runs_own(run_dir):
 def test_not_found_messages_say_what_was_looked_for_and_where(run_dir):
     cwd = run_dir.parent.parent  # runs live in <cwd>/<runs folder>/tiny
     runs = run_dir.parent.name
-    r = run_cli("probe", f"{runs}/tinyy", cwd=cwd)
+    r = run_cli_here("probe", f"{runs}/tinyy", cwd=cwd)
     one_line_error(r, f"{runs}/tinyy does not exist: did you mean {runs}/tiny?")
-    r = run_cli("knn", f"{runs}/zzzzzz", cwd=cwd)
+    r = run_cli_here("knn", f"{runs}/zzzzzz", cwd=cwd)
     one_line_error(r, f"{runs}/zzzzzz does not exist: the runs in {runs}/ are: ")
-    r = run_cli("sweep", runs, cwd=cwd)
+    r = run_cli_here("sweep", runs, cwd=cwd)
     one_line_error(r, f"{runs} is a folder of runs (")
-    r = run_cli("plot", f"{runs}/tinyy", "curves", cwd=cwd)
+    r = run_cli_here("plot", f"{runs}/tinyy", "curves", cwd=cwd)
     one_line_error(r, f"{runs}/tinyy does not exist: did you mean {runs}/tiny?")
-    r = run_cli("report", str(run_dir / "checkpoints" / "last.ckpt"), cwd=cwd)
+    r = run_cli_here("report", str(run_dir / "checkpoints" / "last.ckpt"), cwd=cwd)
     one_line_error(r, "is a checkpoint, and this command takes a run directory: pass ")
 
 
@@ -383,15 +390,15 @@ def test_a_lightning_checkpoint_is_evaluated_beside_not_over_the_run(run_dir):
 
 def test_output_paths_are_honoured_and_created(run_dir, tmp_path):
     (tmp_path / "afile.json").write_text("{}")
-    r = run_cli("knn", str(run_dir), "--no-baselines", "--output", str(tmp_path / "afile.json"), cwd=tmp_path)
+    r = run_cli_here("knn", str(run_dir), "--no-baselines", "--output", str(tmp_path / "afile.json"), cwd=tmp_path)
     one_line_error(r, "afile.json is a file; --output takes the results directory")
     r = run_cli("knn", str(run_dir), "--no-baselines", "--output", str(tmp_path / "new" / "deep"), cwd=tmp_path)
     assert r.returncode == 0 and (tmp_path / "new" / "deep" / "knn_k20.json").is_file()
     (tmp_path / "pics").mkdir()
     for given, written in (("pics", "pics/curves.png"), ("more/pics/", "more/pics/curves.png"), ("c", "c.png")):
-        r = run_cli("plot", str(run_dir), "curves", "-o", given, cwd=tmp_path)
+        r = run_cli_here("plot", str(run_dir), "curves", "-o", given, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"curves: {written}" in r.stdout and (tmp_path / written).is_file()
-    r = run_cli("report", str(run_dir), "--no-pictures", "-o", "pics", cwd=tmp_path)
+    r = run_cli_here("report", str(run_dir), "--no-pictures", "-o", "pics", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "pics" / "report.html").is_file() and not list(tmp_path.glob("*.tmp"))
