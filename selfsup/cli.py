@@ -175,16 +175,6 @@ def build_pretrain_parser(sub, method: str) -> argparse.ArgumentParser:
     return p
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
-    return value
-
-
 def build_demo_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="pretrain rotation on the embedded digits and compare with a random-init encoder",
@@ -193,8 +183,8 @@ def build_demo_parser(sub) -> argparse.ArgumentParser:
         "pretrained encoder, a random-init encoder of the same architecture and raw pixels, then runs a "
         "label-efficiency sweep and plots it (runs/<name>/eval/sweep.png).",
     )
-    p.add_argument("--epochs", type=_at_least_one, default=20, help="pretraining epochs (default: 20)")
-    p.add_argument("--seeds", type=_at_least_one, default=3,
+    p.add_argument("--epochs", type=_positive, default=20, help="pretraining epochs (default: 20)")
+    p.add_argument("--seeds", type=_positive, default=3,
                    help="subset seeds of the label-efficiency sweep (default: 3)")
     p.add_argument("--backbone", default="convnet_small", help="backbone (default: convnet_small)")
     p.add_argument("--output", default="runs", help="parent folder of the demo's run directory (default: runs)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytorch_lightning as pl
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -46,6 +47,41 @@ def make_progress(*columns, enabled: bool = True, transient: bool = False, conso
         # empty line instead (`selfsup sweep ... | cat`). Draw nothing.
         enabled = False
     return Progress(*(columns or COLUMNS), console=console, disable=not enabled, transient=transient)
+
+
+class BarCallback(pl.Callback):
+    """A Lightning callback drawing one selfsup bar over a ``total`` of something (images, steps).
+
+    Subclasses call :meth:`start` when their loop begins and :meth:`advance` as it goes; the bar stops
+    when the loop ends or fails. Rank 0 alone draws (``start`` is a no-op elsewhere).
+
+    Args:
+        description: the bar's label.
+        total: what the bar counts up to.
+        console: where to draw (see :func:`make_progress`).
+    """
+
+    def __init__(self, description: str, total: int, console: Console | None = None) -> None:
+        self.description, self.total, self.console = description, total, console
+        self.progress: Progress | None = None
+
+    def start(self, trainer: pl.Trainer, *columns, transient: bool = False) -> None:
+        if trainer.is_global_zero:
+            self.progress = make_progress(*columns, transient=transient, console=self.console)
+            self.progress.start()
+            self.task = self.progress.add_task(self.description, total=self.total)
+
+    def advance(self, completed: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=min(self.total, completed))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
 def lightning_bar():

@@ -157,9 +157,9 @@ def test_pretrain_output_is_selfsups_own_unless_verbose(tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "argument --epochs: must be at least 1, got '0'"),
-    (["--seeds", "0"], "argument --seeds: must be at least 1, got '0'"),
-    (["--seeds", "-2"], "argument --seeds: must be at least 1, got '-2'"),
+    (["--epochs", "0"], "argument --epochs: must be a positive integer, got '0'"),
+    (["--seeds", "0"], "argument --seeds: must be a positive integer, got '0'"),
+    (["--seeds", "-2"], "argument --seeds: must be a positive integer, got '-2'"),
     (["--epochs", "1.5"], "argument --epochs: expected a whole number, got '1.5'"),
 ])
 def test_demo_counts_fail_in_one_line_before_any_work(args, message, tmp_path, capsys):

@@ -81,7 +81,7 @@ def test_fine_tune_bar_counts_steps(monkeypatch):
     from selfsup.ssl.module import ImageEncoder
 
     consoles: list = []
-    monkeypatch.setattr(finetune, "make_progress", _recording_progress(consoles))
+    monkeypatch.setattr(progress, "make_progress", _recording_progress(consoles))
     torch.manual_seed(0)
     train = load_dataset("digits", "train", image_size=8)
     finetune.train_classifier(ImageEncoder(Backbone("convnet_small")), train, load_dataset("digits", "val", image_size=8),

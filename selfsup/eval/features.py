@@ -23,14 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from rich.console import Console
-from rich.progress import Progress
 from torch import nn
 
 from selfsup.checkpoint import clean_stale_temp_files, finish_temp
 from selfsup.data.datasets import batch_collate, load_dataset
 from selfsup.errors import ConfigError
-from selfsup.progress import make_progress
+from selfsup.progress import BarCallback
 from selfsup.quiet import quiet_lightning
 
 TRANSFORM_ID = "resize-centre-crop/no-augmentation/v1"
@@ -176,7 +174,7 @@ class _Extractor(pl.LightningModule):
         return None
 
 
-class PredictionBar(pl.Callback):
+class PredictionBar(BarCallback):
     """A bar over the images a ``Trainer.predict`` runs through, labelled with what it computes.
 
     Lightning's own bar counts batches under the word "Predicting"; this one reads e.g.
@@ -189,31 +187,15 @@ class PredictionBar(pl.Callback):
         console: where to draw (see :func:`make_progress`).
     """
 
-    def __init__(self, description: str, total: int, console: Console | None = None) -> None:
-        self.description, self.total, self.console = description, total, console
-        self.progress: Progress | None = None
-
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.progress = make_progress(console=self.console)
-            self.progress.start()
-            self.task = self.progress.add_task(self.description, total=self.total)
+        self.start(trainer)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.progress is not None:
-            done = self.progress.tasks[0].completed + len(batch[0]) * trainer.world_size
-            self.progress.update(self.task, completed=min(self.total, done))
+            self.advance(self.progress.tasks[0].completed + len(batch[0]) * trainer.world_size)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._stop()
-
-    def _stop(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        self.stop()
 
 
 def _cache_key(encoder: nn.Module, dataset, split: str, dtype: str) -> tuple[str, dict]:

@@ -22,45 +22,29 @@ from torch.utils.data import DataLoader, Subset
 from selfsup.data.datasets import batch_collate
 from selfsup.data.transforms import make_augment, to_float
 from selfsup.errors import ConfigError
-from selfsup.progress import make_progress
+from selfsup.progress import BarCallback
 from selfsup.quiet import quiet_lightning
 
 
-class StepBar(pl.Callback):
+class StepBar(BarCallback):
     """A transient bar over a fine-tuning run's optimiser steps: ``fine-tune NAME  ━━━  120/300 steps``.
 
     Args:
         description: what is being trained (the encoder, its label count and seed).
-        steps: the number of optimiser steps the run takes.
+        total: the number of optimiser steps the run takes.
     """
-
-    def __init__(self, description: str, steps: int) -> None:
-        self.description, self.steps = description, steps
-        self.progress = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                   TimeElapsedColumn())
-        self.progress = make_progress(*columns, transient=True)
-        self.progress.start()
-        self.task = self.progress.add_task(self.description, total=self.steps)
+        self.start(trainer, TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                   TimeElapsedColumn(), transient=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=min(self.steps, trainer.global_step))
+        self.advance(trainer.global_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._stop()
-
-    def _stop(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        self.stop()
 
 
 class Classifier(pl.LightningModule):
