@@ -168,6 +168,11 @@ def _runs_in(folder: Path) -> list[str]:
         return []
 
 
+def _listing(names: list[str], most: int = 8) -> str:
+    """``a, b, c`` or ``a, ..., h and 4 more``."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def not_an_encoder_message(path: Path, what: str = "a run directory (runs/<name>), its export/ or a .ckpt file") -> str:
     """Why ``path`` is no encoder, specifically: missing (with the nearest runs beside it, or where runs
     live), a run without an export (with its newest checkpoint), or a folder or file of another kind."""
@@ -182,8 +187,7 @@ def not_an_encoder_message(path: Path, what: str = "a run directory (runs/<name>
         if close:
             hint = "did you mean " + " or ".join(str(folder / c) for c in close) + "?"
         elif names:
-            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-            hint = f"the runs in {folder}/ are: {shown}"
+            hint = f"the runs in {folder}/ are: {_listing(names)}"
         elif folder.is_dir():
             hint = (f"{folder.resolve()} holds no run (selfsup pretrain writes runs/<name>/; pass {what})")
         else:
@@ -194,8 +198,7 @@ def not_an_encoder_message(path: Path, what: str = "a run directory (runs/<name>
             if (path / "checkpoints").is_dir() else []
         inside = _runs_in(path)
         if inside:
-            shown = ", ".join(inside[:8]) + (f" and {len(inside) - 8} more" if len(inside) > 8 else "")
-            return f"{path} is a folder of runs ({shown}): pass one of them, e.g. {path / inside[0]}"
+            return f"{path} is a folder of runs ({_listing(inside)}): pass one of them, e.g. {path / inside[0]}"
         if ckpts:
             return (f"{path} is a run without an exported encoder (no export/config.json: its pretraining has not "
                     f"finished); evaluate a checkpoint instead, e.g. {ckpts[-1]}")
