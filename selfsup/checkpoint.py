@@ -148,8 +148,38 @@ def clean_stale_temp_files(directory: str | Path, recursive: bool = False) -> li
 # --------------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+REFUSED_PICKLE = "it holds pickled objects other than tensors and plain data; it was not loaded (unpickling it could run code)"
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False, what: str = "checkpoint") -> Any:
     """``torch.load(path, weights_only=True)`` with every failure as one :class:`CheckpointError` line.
+
+    A pickle that names a function or a class outside torch's weights-only allow-list (what a crafted
+    file needs in order to run code) is refused before anything in it runs. The message never repeats
+    torch's advice to retry with ``weights_only=False``, which is exactly what must not be done with
+    such a file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes; a save was interrupted)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file; all mean "unusable"
+        msg = str(err)
+        if "weights_only" in msg or "Unsupported global" in msg or "Weights only load failed" in msg:
+            text = REFUSED_PICKLE
+        else:
+            first = msg.strip().splitlines()[0] if msg.strip() else ""
+            text = f"not a torch checkpoint, or truncated ({type(err).__name__}: {first[:200]})"
+        raise CheckpointError(f"{what} {path} cannot be loaded: {text}") from None
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """A training checkpoint read by :func:`safe_torch_load`, checked to hold ``state_dict`` and ``global_step``.
 
     ``mmap=True`` maps the tensors instead of reading them (cheap: to look at ``global_step``).
 
@@ -157,21 +187,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         CheckpointError: missing, empty, truncated, not a torch file, or holding objects other than
             tensors and plain containers (a pickle that would run code is refused, never executed).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes; a save was interrupted)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file; all mean "unusable"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        text = f"not a torch checkpoint, or truncated ({type(err).__name__}: {first})"
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            text = "it holds pickled objects other than tensors (refused: loading it could run code)"
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {text}") from None
+    ckpt = safe_torch_load(path, map_location=map_location, mmap=mmap)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a selfsup/Lightning training checkpoint "
                               "(no state_dict and global_step)")

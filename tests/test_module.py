@@ -8,7 +8,7 @@ import torch
 import selfsup
 from selfsup.errors import CheckpointError, ConfigError
 from selfsup.pretext.rotation import Rotation
-from selfsup.ssl.module import warmup_cosine
+from selfsup.ssl.module import CHECKPOINT_METHOD_KEY, warmup_cosine
 from tests.conftest import perturb_
 
 
@@ -206,10 +206,52 @@ def test_load_encoder_from_run_dir_export_and_checkpoint(tmp_path):
     lone = tmp_path / "lone.ckpt"
     os.link(ckpt, lone)
     assert selfsup.load_encoder(lone).config["method"] == "rotation"
-    evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {}, "x": Exception("pickled object")}, evil)
-    with pytest.raises(CheckpointError, match="not a readable selfsup checkpoint"):
-        selfsup.load_encoder(evil)
+
+
+class _Foreign:
+    """A class torch's weights-only unpickler does not allow-list (it lives in this test module)."""
+
+
+def _refusal(path) -> str:
+    with pytest.raises(CheckpointError) as err:
+        selfsup.load_encoder(path)
+    text = str(err.value)
+    assert "\n" not in text and str(path) in text and "weights_only=False" not in text
+    return text
+
+
+def test_load_encoder_refuses_checkpoints_that_would_run_code_or_are_not_ours(tmp_path):
+    from tests.test_checkpoint import _RunsACommand
+
+    marker = tmp_path / "pwned"
+    runs_code = tmp_path / "runs_code.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, CHECKPOINT_METHOD_KEY: "rotation",
+                "x": _RunsACommand(marker)}, runs_code)
+    assert "was not loaded (unpickling it could run code)" in _refusal(runs_code)
+    assert not marker.exists()  # nothing in the file ran
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "x": _Foreign()}, foreign)
+    assert "was not loaded" in _refusal(foreign)
+    first_key = next(iter(Rotation(backbone="convnet_small").state_dict()))
+    # harmless contents torch loads, but not a selfsup checkpoint: one line each, saying so
+    for name, obj, why in [
+        ("nomethod", {"state_dict": {}, "hyper_parameters": {}, "x": 1}, "does not name its method"),
+        ("list", [1, 2], "no state_dict and hyper_parameters"),
+        ("strweights", {"state_dict": {"w": "text"}, "hyper_parameters": {}}, "'w' is a str, not a tensor"),
+        ("shapes", {"state_dict": {first_key: torch.zeros(1)}, "hyper_parameters": {"backbone": "convnet_small"},
+                    CHECKPOINT_METHOD_KEY: "rotation"}, "weights do not match the rotation model"),
+    ]:
+        path = tmp_path / f"{name}.ckpt"
+        torch.save(obj, path)
+        text = _refusal(path)
+        assert why in text, text
+        assert name == "shapes" or "not a selfsup checkpoint" in text
+    # an object torch may allow-list or refuse depending on its version (2.14 allows Exception):
+    # either way one line, and never a later, unrelated error
+    odd = tmp_path / "exception.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "x": Exception("pickled object")}, odd)
+    text = _refusal(odd)
+    assert "not a selfsup checkpoint" in text or "was not loaded" in text
 
 
 def test_list_methods_and_backbones():

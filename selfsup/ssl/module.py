@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from selfsup.checkpoint import atomic_save, atomic_write_text
+from selfsup.checkpoint import atomic_save, atomic_write_text, safe_torch_load
 from selfsup.data.transforms import make_augment, to_float
 from selfsup.errors import CheckpointError, ConfigError
 from selfsup.ssl.backbone import Backbone
@@ -450,24 +450,36 @@ def _encoder_from_checkpoint(path: Path, map_location) -> nn.Module:
     """The encoder of a Lightning checkpoint of an :class:`SSLModule`, read without unpickling code."""
     import yaml
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, foreign, or holding objects weights_only refuses
-        raise CheckpointError(f"{path}: not a readable selfsup checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise CheckpointError(f"{path}: not a Lightning checkpoint of a selfsup method (no state_dict/hyper_parameters)")
+    ckpt = safe_torch_load(path)
+    not_ours = f"{path}: not a selfsup checkpoint"
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) \
+            or not isinstance(ckpt.get("hyper_parameters"), dict):
+        raise CheckpointError(f"{not_ours} (no state_dict and hyper_parameters of a Lightning module)")
+    odd = next(((k, v) for k, v in ckpt["state_dict"].items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise CheckpointError(f"{not_ours}: its state_dict entry {odd[0]!r} is a {type(odd[1]).__name__}, "
+                              "not a tensor")
     run_cfg_path = path.parent.parent / "config.yaml"
     run_cfg = yaml.safe_load(run_cfg_path.read_text()) if run_cfg_path.is_file() else {}
-    method = ckpt.get(CHECKPOINT_METHOD_KEY) or (run_cfg or {}).get("method")
+    if not isinstance(run_cfg, dict):
+        run_cfg = {}
+    method = ckpt.get(CHECKPOINT_METHOD_KEY) or run_cfg.get("method")
     if not method:
-        raise ConfigError(f"{path}: the checkpoint does not name its method and no config.yaml is beside its run")
+        raise CheckpointError(f"{not_ours}: it does not name its method, and no config.yaml of a run is beside it")
+    if not isinstance(method, str):
+        raise CheckpointError(f"{not_ours}: its method name is a {type(method).__name__}, not a string")
     hparams = dict(ckpt["hyper_parameters"])
     model = build_method(method, hparams, where=str(path))
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as err:  # shapes that differ from the model's
+        first = str(err).strip().splitlines()
+        raise CheckpointError(f"{path}: weights do not match the {method} model "
+                              f"({first[-1].strip() if first else err})") from None
     if missing:
         raise CheckpointError(f"{path}: weights do not match the {method} model ({len(missing)} missing, e.g. {missing[0]})")
     enc = model.encoder()
-    data = (run_cfg or {}).get("data", {}).get("data")
+    data = run_cfg.get("data", {}).get("data") if isinstance(run_cfg.get("data"), dict) else None
     enc.config = {"format": EXPORT_FORMAT, "method": method, "hparams": _jsonable(hparams),
                   "num_features": int(enc.num_features), "data": {"data": data} if data else None,
                   "checkpoint": str(path), "global_step": ckpt.get("global_step")}
