@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from selfsup.errors import ConfigError
+from selfsup.runs import check_run_name
 
 TRAINER_DEFAULTS: dict = {
     "max_epochs": 100,
@@ -340,6 +341,8 @@ def validate_config(cfg: dict, source: str = "") -> dict:
     for k, ann in TOP_LEVEL_TYPES.items():
         if k in out:
             out[k] = check_value(out[k], ann, k, source)
+    if out.get("name") is not None:
+        check_run_name(out["name"], prefix + "name")
     method = out.get("method")
     if method not in METHODS:
         raise ConfigError(prefix + unknown_name_message("method", method, METHODS))
