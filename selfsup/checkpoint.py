@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -148,6 +149,25 @@ def clean_stale_temp_files(directory: str | Path, recursive: bool = False) -> li
 # --------------------------------------------------------------------------------------------------
 
 
+def refusal_message(path: str | Path, err: BaseException) -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refused: truncated or foreign, or a pickle of
+    objects other than tensors and plain containers.
+
+    Never quotes torch's own text for the latter: it advises re-running with ``weights_only=False``, which
+    would run whatever code the file holds.
+    """
+    said = str(err)
+    if "weights_only" in said or isinstance(err, pickle.UnpicklingError):
+        # torch's text: its advice, (an invitation to file an issue,) what it met, a link to its documentation
+        lines = [ln.split("WeightsUnpickler error:")[-1].strip() for ln in said.splitlines()[1:]]
+        lines = [ln for ln in lines if ln and "weights_only" not in ln and not ln.startswith("Check the doc")]
+        met = lines[0].rstrip(".") if lines else "objects other than tensors and plain containers"
+        why = "it names code to run" if "global" in met.lower() else "a pickle of other objects, or corrupt"
+        return f"checkpoint {path} is not a plain checkpoint and was not loaded ({why}: {met})"
+    first = said.strip().splitlines()[0] if said.strip() else ""
+    return f"checkpoint {path} cannot be loaded: not a torch checkpoint, or truncated ({type(err).__name__}: {first})"
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
     """``torch.load(path, weights_only=True)`` with every failure as one :class:`CheckpointError` line.
 
@@ -167,11 +187,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file; all mean "unusable"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        text = f"not a torch checkpoint, or truncated ({type(err).__name__}: {first})"
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            text = "it holds pickled objects other than tensors (refused: loading it could run code)"
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {text}") from None
+        raise CheckpointError(refusal_message(path, err)) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a selfsup/Lightning training checkpoint "
                               "(no state_dict and global_step)")
