@@ -214,6 +214,19 @@ def final_validation_batch(max_steps: int, n_train: int, global_batch: int, accu
     return None if last >= batches else last
 
 
+def is_finished(run_dir: Path, checkpoint: Path) -> bool:
+    """Whether a run wrote what it owes at its end (``export/``, then ``metrics.json``) after ``checkpoint``.
+
+    An export older than the checkpoint is an earlier limit's (a resume that trained on was killed before
+    its own export): not finished. Where mtimes mislead (a copy), the export is merely written again.
+    """
+    metrics, export = run_dir / "metrics.json", run_dir / "export" / "config.json"
+    try:
+        return export.is_file() and metrics.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns
+    except OSError:
+        return False
+
+
 def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resume: bool, callbacks: list,
          launcher_zero: bool) -> RunResult:
     ckpt_dir = run_dir / "checkpoints"
@@ -232,13 +245,14 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
     max_time = trainer_kwargs.pop("max_time", None)
     every = cfg.get("checkpoint_every")
     timer = FreshTimer(duration=max_time, interval="step") if max_time else None
+    exact = ExactResume()
     sigterm = SaveOnSigterm(ckpt_dir / "sigterm.ckpt", ckpt_dir / "interrupt.ckpt")
     cbs = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1),
         # resume takes the newest checkpoint that loads, so this one needs no last.ckpt of its own
         *([ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every)] if every else []),
         LearningRateMonitor(logging_interval="step"),
-        ExactResume(),
+        exact,
         sigterm,
         DivergenceGuard(),
         *([timer] if timer else []),
@@ -315,12 +329,18 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
     if resumed_step is not None and trainer.global_step <= resumed_step:
         if saved_config is not None:  # nothing was trained with the new settings: the run's own stay
             atomic_write_text(run_dir / "config.yaml", saved_config)
-        limits = {k: cfg["trainer"][k] for k in ("max_epochs", "max_steps")}
-        raise TrainingError(
-            f"--resume trained no step: {run_dir.name} already reached its limits ({limits}, at step "
-            f"{resumed_step}); pass a larger --max-epochs or --max-steps to continue it"
-        )
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if is_finished(run_dir, ckpt_path):
+            limits = {k: cfg["trainer"][k] for k in ("max_epochs", "max_steps")}
+            raise TrainingError(
+                f"--resume trained no step: {run_dir.name} already reached its limits ({limits}, at step "
+                f"{resumed_step}); pass a larger --max-epochs or --max-steps to continue it"
+            )
+        # killed after its last checkpoint, before its export: the weights are the last step's (fit restored
+        # them); what the run still owes is written below
+        if launcher_zero:
+            print(f"selfsup: note: {run_dir.name} had trained all its steps ({resumed_step}); writing its "
+                  "export and metrics.json", file=sys.stderr)
+    metrics = exact.metrics(trainer)
     if trainer.is_global_zero:
         # skip_bad travels with the export (only when set: other exports' hashes stay as they were), so an
         # export copied away from its run still skips the files its run skipped
