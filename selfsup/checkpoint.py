@@ -249,3 +249,58 @@ def find_resumable_checkpoint(directory: str | Path, say: Callable[[str], None] 
     skipped = f"skipped {len(problems)} unusable checkpoint(s) ({'; '.join(problems)}); " if problems else ""
     say(f"selfsup: {skipped}resuming from {path} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')})")
     return path, ckpt
+
+
+SIGNAL_CHECKPOINTS = ("sigterm.ckpt", "interrupt.ckpt")
+_STEP_IN_NAME = re.compile(r"(?:^|-)step=(\d+)\.ckpt$")
+
+
+def checkpoint_step(path: Path, cache: dict | None = None) -> int | None:
+    """The global step a checkpoint holds: from its name (``step=N``, ``epoch=E-step=N``), else read
+    memory-mapped (cached by name, size and mtime); None when it does not load."""
+    m = _STEP_IN_NAME.search(path.name)
+    if m:
+        return int(m.group(1))
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (path.name, st.st_size, st.st_mtime_ns)
+    if cache is not None and key in cache:
+        return cache[key]
+    try:
+        step = int(load_checkpoint(path, mmap=True)["global_step"])
+    except (CheckpointError, OSError, ValueError, TypeError):
+        step = None
+    if cache is not None:
+        cache[key] = step
+    return step
+
+
+def prune_checkpoints(directory: str | Path, keep: int, cache: dict | None = None) -> list[Path]:
+    """Remove old checkpoints of a run; returns the removed paths.
+
+    Kept: ``last.ckpt``; the ``keep`` newest numbered checkpoints (by step; ``keep=0``: all of them); any
+    file whose step cannot be read (not ours to judge). ``sigterm.ckpt`` and ``interrupt.ckpt`` go once a
+    checkpoint with more steps exists (the resumed run has passed them). The checkpoint with the most steps,
+    the one ``--resume`` takes, is never removed.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    steps = {p: checkpoint_step(p, cache) for p in directory.glob("*.ckpt") if p.is_file()}
+    known = {p: s for p, s in steps.items() if s is not None}
+    if not known:
+        return []
+    newest = max(known.values())
+    doomed = [p for p, s in known.items() if p.name in SIGNAL_CHECKPOINTS and s < newest]
+    numbered = sorted((p for p in known if p.name != "last.ckpt" and p.name not in SIGNAL_CHECKPOINTS),
+                      key=lambda p: (known[p], p.stat().st_mtime_ns), reverse=True)
+    if keep > 0:
+        doomed += [p for p in numbered[keep:] if known[p] < newest]
+    removed = []
+    for p in doomed:
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
+    return removed

@@ -233,3 +233,31 @@ class SaveOnSigterm(Callback):
         if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
             trainer.save_checkpoint(self.path)
             self.saved = True
+
+
+class KeepCheckpoints(Callback):
+    """Keeps a run's checkpoints few: after each save, :func:`~selfsup.checkpoint.prune_checkpoints`.
+
+    The files are pruned at the next batch (a checkpoint callback writes after every other callback's hook
+    of the same moment) and once more when the run ends (:meth:`prune`), on global rank zero only.
+    """
+
+    def __init__(self, directory, keep: int) -> None:
+        self.directory = directory
+        self.keep = keep
+        self._saved = True  # the checkpoints of earlier processes, at the first batch
+        self._steps: dict = {}
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._saved = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        if self._saved and trainer.is_global_zero:
+            self.prune()
+
+    def prune(self) -> None:
+        from selfsup.checkpoint import prune_checkpoints
+
+        self._saved = False
+        prune_checkpoints(self.directory, self.keep, self._steps)
+

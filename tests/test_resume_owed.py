@@ -113,3 +113,32 @@ def test_metrics_json_after_a_resume_that_does_not_validate_holds_the_last_valid
     pretrain(cfg, resume=True)
     assert _metrics(tmp_path / "cut") == _metrics(whole)
     assert _rows(tmp_path / "cut") == _rows(whole)
+
+
+def test_checkpoints_stay_bounded_over_resumes_and_signal_checkpoints_go_once_passed(tmp_path):
+    from selfsup.checkpoint import find_resumable_checkpoint
+
+    ckpts = tmp_path / "cut" / "checkpoints"
+    cfg = {**CONFIG, "output": str(tmp_path), "name": "cut", "online_probe": False, "checkpoint_every": 1,
+           "trainer": {"max_epochs": 1, "log_every_n_steps": 1}}
+    r = _signalled(cfg, "step=3", "SIGTERM")
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert (ckpts / "sigterm.ckpt").is_file()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["sigterm.ckpt", "step=2.ckpt", "step=3.ckpt"]
+    for epochs in (1, 2, 3):  # each resume writes a checkpoint a step, and more files every epoch
+        pretrain({**cfg, "trainer": {"max_epochs": epochs}}, resume=True)
+        names = sorted(p.name for p in ckpts.iterdir())
+        newest = 5 * epochs
+        # last.ckpt and the two newest numbered ones (the default --keep-checkpoints 2); sigterm.ckpt passed
+        assert names == [f"epoch={epochs - 1}-step={newest}.ckpt", "last.ckpt", f"step={newest}.ckpt"], names
+        assert find_resumable_checkpoint(ckpts, say=lambda m: None)[1]["global_step"] == newest
+    # --keep-checkpoints 0 keeps every one from now on; 1 keeps the newest numbered one only
+    pretrain({**cfg, "trainer": {"max_epochs": 4}, "keep_checkpoints": 0}, resume=True)
+    assert len(list(ckpts.glob("step=*.ckpt"))) == 6  # 15 (kept before) and 16..20
+    r = run_cli_here("pretrain", "--resume", "--name", "cut", "--output", str(tmp_path), "--max-epochs", "5",
+                     "--keep-checkpoints", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the newest numbered one, and any other of that same newest step (never removed: --resume may need it)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=4-step=25.ckpt", "last.ckpt", "step=25.ckpt"]
+    bad = run_cli_here("pretrain", "--keep-checkpoints", "-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "keep_checkpoints must be >= 0" in bad.stderr
