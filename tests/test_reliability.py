@@ -30,3 +30,43 @@ def test_an_export_config_of_the_wrong_shape_is_one_line(tmp_path, config, says)
     assert str(export / "config.json") in str(err.value)
     r = run_cli_here("probe", str(export), "--data", "digits", "--image-size", "8", cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, r.stderr
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header declares ``width`` x ``height`` (a decompression bomb's), with one tiny IDAT."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4))
+                     + chunk(b"IEND", b""))
+
+
+def _folder_with_a_bomb(root):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / "train" / cls / f"{i}.png")
+    _png_header_only(root / "train" / "a" / "bomb.png", 30000, 30000)
+    return root / "train" / "a" / "bomb.png"
+
+
+def test_a_decompression_bomb_without_image_size_is_one_line_or_skipped(tmp_path):
+    """Item 6: size inference read the bomb's header and raised PIL's DecompressionBombError."""
+    from selfsup.data.datamodule import SelfSupDataModule
+
+    bomb = _folder_with_a_bomb(tmp_path / "data")
+    r = run_cli_here("pretrain", "--data", str(tmp_path / "data"), "--backbone", "convnet_small", "--max-steps", "1",
+                     "--no-online-probe", "--batch-size", "4", "--output", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bomb) in lines[0] and "decompression bomb" in lines[0], r.stderr
+    dm = SelfSupDataModule(data=str(tmp_path / "data"), batch_size=4, skip_bad=True)
+    with pytest.warns(UserWarning):  # the skipped file is counted and named
+        dm.setup("fit")
+    assert dm.image_size == 8 and len(dm.train_set) + (len(dm.val_set) if dm.val_set is not None else 0) == 8
