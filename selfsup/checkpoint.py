@@ -12,10 +12,12 @@ Checkpoints are loaded with ``torch.load(weights_only=True)``: a crafted pickle 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import IO, Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from selfsup.errors import CheckpointError
+from selfsup.errors import CheckpointError, RunDirError
 
 try:
     import fcntl
@@ -69,6 +71,37 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free space of the filesystem holding ``path`` (its nearest existing folder); None if unknown."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            if p.exists():
+                return shutil.disk_usage(p).free
+    return None
+
+
+def disk_full(err: BaseException, path: str | Path, needed: int | None = None) -> bool:
+    """Whether ``err`` (raised writing ``path``) came from a full disk: ENOSPC/EDQUOT, or a writer (torch's zip
+    writer) that hides the errno, with less space left than the write needed."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    free = free_bytes(Path(path).parent)
+    return bool(needed) and free is not None and free < needed
+
+
+def no_space_error(path: str | Path, needed: int | None = None) -> RunDirError:
+    """One line for a write that a full disk stopped: which file, the space it needed and what is free."""
+    free = free_bytes(Path(path).parent)
+    parts = ([f"needs about {_mb(needed)}"] if needed else []) + ([f"{_mb(free)} free"] if free is not None else [])
+    return RunDirError(f"cannot write {path}: no space left on the disk ({', '.join(parts)}); nothing half-written "
+                       "was left: free some space, or write elsewhere")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -205,11 +238,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        with atomic_write(path) as f:
-            torch.save(checkpoint, f)
+        try:
+            with atomic_write(path) as f:
+                torch.save(checkpoint, f)
+        except (OSError, RuntimeError) as err:  # torch's writer turns ENOSPC into "[enforce fail at ...]"
+            needed = _tensor_bytes(checkpoint)
+            if disk_full(err, path, needed):
+                raise no_space_error(path, needed) from None  # the earlier checkpoints are as they were
+            raise
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return load_checkpoint(path, map_location=map_location or "cpu")
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint (what a save writes, give or take its pickles)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def checkpoint_candidates(directory: str | Path) -> list[Path]:

@@ -70,3 +70,72 @@ def test_a_decompression_bomb_without_image_size_is_one_line_or_skipped(tmp_path
     with pytest.warns(UserWarning):  # the skipped file is counted and named
         dm.setup("fit")
     assert dm.image_size == 8 and len(dm.train_set) + (len(dm.val_set) if dm.val_set is not None else 0) == 8
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 20 MiB tmpfs (``mount -t tmpfs``, needs root); skipped with the reason where mounting fails."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill: {r.stderr.strip() or r.returncode}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def fill(disk, leave: int) -> None:
+    """Fill ``disk`` up to ``leave`` bytes free (a real file of zeros)."""
+    import shutil
+
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "ab") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_a_full_disk_during_report_is_one_line_and_leaves_no_temporary(small_disk, tmp_path):
+    """Item 4: ``report -o`` said only "No space left on device" and left report.html.tmp behind."""
+    from selfsup.train import pretrain
+
+    run = pretrain({"method": "rotation", "model": {"backbone": "convnet_small"}, "data": {"image_size": 8},
+                    "trainer": {"max_steps": 2}, "online_probe": False, "output": str(tmp_path / "runs"),
+                    "name": "r"}).run_dir
+    fill(small_disk, 0)
+    out = small_disk / "report.html"
+    r = run_cli_here("report", str(run), "-o", str(out), "--no-pictures", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot write {out}: no space left on the disk (needs about" in lines[0], r.stderr
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+CKPT_CFG = {"method": "rotation", "model": {"backbone": "convnet_small"}, "data": {"image_size": 8, "batch_size": 256},
+            "trainer": {"max_epochs": 2, "log_every_n_steps": 100}, "online_probe": False, "checkpoint_every": 2,
+            "name": "r"}
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(small_disk):
+    """Item 3: a 23-frame ``RuntimeError: [enforce fail at inline_container.cc]`` traceback."""
+    from pytorch_lightning.callbacks import Callback
+
+    from selfsup.checkpoint import load_checkpoint
+    from selfsup.errors import RunDirError
+    from selfsup.train import pretrain
+
+    class FillDiskAfterStep2(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 3:  # step=2.ckpt is written; step=4.ckpt (about 2 MiB) will not fit
+                fill(small_disk, 256 * 1024)
+
+    with pytest.raises(RunDirError) as err:
+        pretrain({**CKPT_CFG, "output": str(small_disk)}, callbacks=[FillDiskAfterStep2()])
+    ckpts = small_disk / "r" / "checkpoints"
+    said = str(err.value)
+    assert said.startswith(f"cannot write {ckpts / 'step=4.ckpt'}: no space left on the disk (needs about ")
+    assert "\n" not in said and "enforce fail" not in said
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step=2.ckpt"]  # no temporary left, the earlier one kept
+    assert load_checkpoint(ckpts / "step=2.ckpt")["global_step"] == 2
