@@ -104,6 +104,27 @@ def no_space_error(path: str | Path, needed: int | None = None) -> RunDirError:
                        "was left: free some space, or write elsewhere")
 
 
+def reserve_space(fd: int, size: int) -> None:
+    """Allocate ``size`` bytes of an open file on disk now (``posix_fallocate``), so that writing into its
+    memory map later never finds the disk full (which kills the process with SIGBUS).
+
+    Raises:
+        OSError: ENOSPC when the disk has not that much room. Where the filesystem cannot allocate ahead, the
+            free space is compared instead.
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return
+    except AttributeError:  # not on this platform
+        pass
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    st = os.fstatvfs(fd)
+    if st.f_bavail * st.f_frsize < size:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (temp file in the same directory, fsync, rename)."""
     with atomic_write(path, "w") as f:

@@ -139,3 +139,44 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(s
     assert "\n" not in said and "enforce fail" not in said
     assert sorted(p.name for p in ckpts.iterdir()) == ["step=2.ckpt"]  # no temporary left, the earlier one kept
     assert load_checkpoint(ckpts / "step=2.ckpt")["global_step"] == 2
+
+
+EXTRACT = """
+import sys
+from selfsup.errors import SelfsupError
+from selfsup.eval.features import extract_features
+from selfsup.ssl.backbone import Backbone
+from selfsup.ssl.module import ImageEncoder
+
+try:
+    f = extract_features(ImageEncoder(Backbone("convnet_small")).eval(), "digits", image_size=8, cache_dir=sys.argv[1],
+                         progress=False)
+    print("rows", len(f.y))
+except SelfsupError as e:
+    print(f"selfsup: error: {e}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_a_full_disk_during_feature_extraction_is_one_line_not_sigbus(small_disk, tmp_path):
+    """Item 2: the cache writer filled a sparse memory map: a full disk killed the process with SIGBUS (135)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SELFSUP_CACHE": str(tmp_path / "cache")}
+    fill(small_disk, 64 * 1024)  # the train features (1437 x 64 float32, 368 KB) do not fit
+    r = subprocess.run([sys.executable, "-c", EXTRACT, str(small_disk / "features")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no space left on the disk (needs about" in lines[0], r.stderr
+    assert str(small_disk / "features") in lines[0]
+    left = [p.name for p in small_disk.rglob("*") if p.is_file()]
+    assert left == ["filler"], left  # nothing half-written
+    (small_disk / "filler").unlink()  # with room, the same call works
+    r = subprocess.run([sys.executable, "-c", EXTRACT, str(small_disk / "features")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0 and "rows 1437" in r.stdout, r.stderr[-2000:]

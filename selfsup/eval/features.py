@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from selfsup.checkpoint import clean_stale_temp_files, finish_temp
+from selfsup.checkpoint import clean_stale_temp_files, disk_full, finish_temp, no_space_error, reserve_space
 from selfsup.data.datasets import batch_collate, load_dataset
 from selfsup.errors import ConfigError
 from selfsup.progress import BarCallback
@@ -356,9 +356,17 @@ class _CacheWriter:
         self.path, self.n = path, n
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        with self.tmp.open("wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            f.truncate(8 + len(raw) + feat_bytes + 8 * n)
+        total = 8 + len(raw) + feat_bytes + 8 * n
+        try:
+            with self.tmp.open("wb") as f:
+                f.write(struct.pack("<Q", len(raw)) + raw)
+                f.truncate(total)
+                reserve_space(f.fileno(), total)  # a sparse map on a full disk dies of SIGBUS when written
+        except OSError as err:
+            self.tmp.unlink(missing_ok=True)
+            if disk_full(err, path, total):
+                raise no_space_error(path, total) from None
+            raise
         start = 8 + len(raw)
         self.features = np.memmap(self.tmp, dtype=np_dtype, mode="r+", offset=start, shape=(n, dim))
         self.labels = np.memmap(self.tmp, dtype=np.int64, mode="r+", offset=start + feat_bytes, shape=(n,))
