@@ -180,3 +180,37 @@ def test_a_full_disk_during_feature_extraction_is_one_line_not_sigbus(small_disk
     r = subprocess.run([sys.executable, "-c", EXTRACT, str(small_disk / "features")], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0 and "rows 1437" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_damaged_feature_cache_is_rebuilt_with_a_note(tmp_path, capsys):
+    """Item 5: a truncated cache file gave ``ValueError: mmap length is greater than file size``."""
+    import numpy as np
+
+    from selfsup.eval.features import check_cache_file, extract_features
+    from selfsup.ssl.backbone import Backbone
+    from selfsup.ssl.module import ImageEncoder
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    enc = ImageEncoder(Backbone("convnet_small")).eval()
+    kw = dict(image_size=8, cache_dir=tmp_path, progress=False, split="val")
+    first = extract_features(enc, "digits", **kw)
+    x, y = np.array(first.x), np.array(first.y)
+    (path,) = tmp_path.glob("*.safetensors")
+    good = path.read_bytes()
+    assert check_cache_file(path) is None
+    damages = {
+        "truncated": lambda b: b[:-100],
+        "cut to its header": lambda b: b[:500],
+        "label edited": lambda b: b[:-8] + (int.from_bytes(b[-8:], "little") + 1).to_bytes(8, "little"),
+        "empty": lambda b: b"",
+    }
+    for what, damage in damages.items():
+        path.write_bytes(damage(good))
+        assert check_cache_file(path) is not None, what
+        capsys.readouterr()
+        again = extract_features(enc, "digits", **kw)
+        err = capsys.readouterr().err
+        assert f"selfsup: note: feature cache {path} is damaged (" in err and "extracting again" in err, what
+        assert np.array_equal(np.array(again.x), x) and np.array_equal(np.array(again.y), y), what
+        assert path.read_bytes() == good, what
