@@ -125,14 +125,15 @@ def method_config(method: str, preset: dict, data: str, work: Path, overrides: d
 def pretrain_once(cfg: dict, work: Path) -> Path:
     """Pretrain, or continue a run that was cut off, or reuse a finished one; the run directory."""
     from selfsup.checkpoint import atomic_write_text
+    from selfsup.runs import check_run_name, is_leftover
     from selfsup.train import pretrain
 
-    run_dir = work / "runs" / cfg["name"]
+    run_dir = work / "runs" / check_run_name(cfg["name"], "run name")
     if (run_dir / "metrics.json").is_file() and (run_dir / "export" / "config.json").is_file():
         return run_dir  # finished earlier
     resume = any((run_dir / "checkpoints").glob("*.ckpt"))  # last.ckpt, a step's or the one SIGTERM saved
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)  # started but never checkpointed: nothing to keep
+    if run_dir.is_dir() and not resume and is_leftover(run_dir):
+        shutil.rmtree(run_dir)  # a run of ours started but never checkpointed: nothing to keep
     start = time.perf_counter()
     run = pretrain(cfg, resume=resume)
     seconds = time.perf_counter() - start
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, help="pretraining epochs per method (default: the preset's)")
     ap.add_argument("--work", help="work directory of runs and per-method results (default: a folder in "
                     "$SELFSUP_CACHE or ~/.cache/selfsup named by the preset); reruns resume from it")
-    ap.add_argument("--fresh", action="store_true", help="delete the work directory first")
+    ap.add_argument("--fresh", action="store_true", help="delete the runs and results this script wrote in the work directory first")
     ap.add_argument("--threads", type=int, help="torch CPU threads (state it with the numbers)")
     ap.add_argument("--out", help="output prefix (default: benchmarks/results/quality_<preset>)")
     args = ap.parse_args(argv)
@@ -389,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         data = str(found)
     cache = Path(os.environ.get("SELFSUP_CACHE", Path.home() / ".cache" / "selfsup"))
     work = Path(args.work) if args.work else cache / f"quality-{args.preset}"
-    if args.fresh and work.exists():
-        shutil.rmtree(work)
+    if args.fresh:  # only what this script writes there: a --work folder may hold the user's own files
+        for sub in ("runs", "results"):
+            shutil.rmtree(work / sub, ignore_errors=True)
     (work / "results").mkdir(parents=True, exist_ok=True)
 
     results = []

@@ -12,9 +12,12 @@ Checkpoints are loaded with ``torch.load(weights_only=True)``: a crafted pickle 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import pickle
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -23,7 +26,7 @@ from typing import IO, Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from selfsup.errors import CheckpointError
+from selfsup.errors import CheckpointError, RunDirError
 
 try:
     import fcntl
@@ -68,6 +71,58 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free space of the filesystem holding ``path`` (its nearest existing folder); None if unknown."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            if p.exists():
+                return shutil.disk_usage(p).free
+    return None
+
+
+def disk_full(err: BaseException, path: str | Path, needed: int | None = None) -> bool:
+    """Whether ``err`` (raised writing ``path``) came from a full disk: ENOSPC/EDQUOT, or a writer (torch's zip
+    writer) that hides the errno, with less space left than the write needed."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    free = free_bytes(Path(path).parent)
+    return bool(needed) and free is not None and free < needed
+
+
+def no_space_error(path: str | Path, needed: int | None = None) -> RunDirError:
+    """One line for a write that a full disk stopped: which file, the space it needed and what is free."""
+    free = free_bytes(Path(path).parent)
+    parts = ([f"needs about {_mb(needed)}"] if needed else []) + ([f"{_mb(free)} free"] if free is not None else [])
+    return RunDirError(f"cannot write {path}: no space left on the disk ({', '.join(parts)}); nothing half-written "
+                       "was left: free some space, or write elsewhere")
+
+
+def reserve_space(fd: int, size: int) -> None:
+    """Allocate ``size`` bytes of an open file on disk now (``posix_fallocate``), so that writing into its
+    memory map later never finds the disk full (which kills the process with SIGBUS).
+
+    Raises:
+        OSError: ENOSPC when the disk has not that much room. Where the filesystem cannot allocate ahead, the
+            free space is compared instead.
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return
+    except AttributeError:  # not on this platform
+        pass
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    st = os.fstatvfs(fd)
+    if st.f_bavail * st.f_frsize < size:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -148,7 +203,23 @@ def clean_stale_temp_files(directory: str | Path, recursive: bool = False) -> li
 # --------------------------------------------------------------------------------------------------
 
 
-REFUSED_PICKLE = "it holds pickled objects other than tensors and plain data; it was not loaded (unpickling it could run code)"
+def refusal_message(path: str | Path, err: BaseException, what: str = "checkpoint") -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refused: truncated or foreign, or a pickle of
+    objects other than tensors and plain containers.
+
+    Never quotes torch's own text for the latter: it advises re-running with ``weights_only=False``, which
+    would run whatever code the file holds.
+    """
+    said = str(err)
+    if "weights_only" in said or isinstance(err, pickle.UnpicklingError):
+        # torch's text: its advice, (an invitation to file an issue,) what it met, a link to its documentation
+        lines = [ln.split("WeightsUnpickler error:")[-1].strip() for ln in said.splitlines()[1:]]
+        lines = [ln for ln in lines if ln and "weights_only" not in ln and not ln.startswith("Check the doc")]
+        met = lines[0].rstrip(".") if lines else "objects other than tensors and plain containers"
+        why = "it names code to run" if "global" in met.lower() else "a pickle of other objects, or corrupt"
+        return f"{what} {path} is not a plain checkpoint and was not loaded ({why}: {met})"
+    first = said.strip().splitlines()[0] if said.strip() else ""
+    return f"{what} {path} cannot be loaded: not a torch checkpoint, or truncated ({type(err).__name__}: {first})"
 
 
 def safe_torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False, what: str = "checkpoint") -> Any:
@@ -169,13 +240,7 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file; all mean "unusable"
-        msg = str(err)
-        if "weights_only" in msg or "Unsupported global" in msg or "Weights only load failed" in msg:
-            text = REFUSED_PICKLE
-        else:
-            first = msg.strip().splitlines()[0] if msg.strip() else ""
-            text = f"not a torch checkpoint, or truncated ({type(err).__name__}: {first[:200]})"
-        raise CheckpointError(f"{what} {path} cannot be loaded: {text}") from None
+        raise CheckpointError(refusal_message(path, err, what)) from None
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
@@ -205,11 +270,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        with atomic_write(path) as f:
-            torch.save(checkpoint, f)
+        try:
+            with atomic_write(path) as f:
+                torch.save(checkpoint, f)
+        except (OSError, RuntimeError) as err:  # torch's writer turns ENOSPC into "[enforce fail at ...]"
+            needed = _tensor_bytes(checkpoint)
+            if disk_full(err, path, needed):
+                raise no_space_error(path, needed) from None  # the earlier checkpoints are as they were
+            raise
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return load_checkpoint(path, map_location=map_location or "cpu")
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint (what a save writes, give or take its pickles)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def checkpoint_candidates(directory: str | Path) -> list[Path]:
@@ -249,3 +331,58 @@ def find_resumable_checkpoint(directory: str | Path, say: Callable[[str], None] 
     skipped = f"skipped {len(problems)} unusable checkpoint(s) ({'; '.join(problems)}); " if problems else ""
     say(f"selfsup: {skipped}resuming from {path} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')})")
     return path, ckpt
+
+
+SIGNAL_CHECKPOINTS = ("sigterm.ckpt", "interrupt.ckpt")
+_STEP_IN_NAME = re.compile(r"(?:^|-)step=(\d+)\.ckpt$")
+
+
+def checkpoint_step(path: Path, cache: dict | None = None) -> int | None:
+    """The global step a checkpoint holds: from its name (``step=N``, ``epoch=E-step=N``), else read
+    memory-mapped (cached by name, size and mtime); None when it does not load."""
+    m = _STEP_IN_NAME.search(path.name)
+    if m:
+        return int(m.group(1))
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (path.name, st.st_size, st.st_mtime_ns)
+    if cache is not None and key in cache:
+        return cache[key]
+    try:
+        step = int(load_checkpoint(path, mmap=True)["global_step"])
+    except (CheckpointError, OSError, ValueError, TypeError):
+        step = None
+    if cache is not None:
+        cache[key] = step
+    return step
+
+
+def prune_checkpoints(directory: str | Path, keep: int, cache: dict | None = None) -> list[Path]:
+    """Remove old checkpoints of a run; returns the removed paths.
+
+    Kept: ``last.ckpt``; the ``keep`` newest numbered checkpoints (by step; ``keep=0``: all of them); any
+    file whose step cannot be read (not ours to judge). ``sigterm.ckpt`` and ``interrupt.ckpt`` go once a
+    checkpoint with more steps exists (the resumed run has passed them). The checkpoint with the most steps,
+    the one ``--resume`` takes, is never removed.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    steps = {p: checkpoint_step(p, cache) for p in directory.glob("*.ckpt") if p.is_file()}
+    known = {p: s for p, s in steps.items() if s is not None}
+    if not known:
+        return []
+    newest = max(known.values())
+    doomed = [p for p, s in known.items() if p.name in SIGNAL_CHECKPOINTS and s < newest]
+    numbered = sorted((p for p in known if p.name != "last.ckpt" and p.name not in SIGNAL_CHECKPOINTS),
+                      key=lambda p: (known[p], p.stat().st_mtime_ns), reverse=True)
+    if keep > 0:
+        doomed += [p for p in numbered[keep:] if known[p] < newest]
+    removed = []
+    for p in doomed:
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
+    return removed

@@ -154,6 +154,10 @@ def build_pretrain_parser(sub, method: str) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="also write a checkpoint every N optimiser steps, so a kill loses at most N steps "
                    "(default: once per epoch only)")
+    p.add_argument("--keep-checkpoints", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="keep the N newest numbered checkpoints besides last.ckpt; 0 keeps all (default: 2). "
+                   "The newest, which --resume uses, is never removed; sigterm.ckpt and interrupt.ckpt go once "
+                   "a newer checkpoint exists")
     p.add_argument("--no-online-probe", dest="online_probe", action="store_false", default=argparse.SUPPRESS,
                    help="do not train the online linear probe")
     p.add_argument("--tensorboard", action="store_true", default=argparse.SUPPRESS, help="also log to TensorBoard")
@@ -522,7 +526,8 @@ def _pretrain_config(args: argparse.Namespace) -> tuple[dict, bool]:
         for n in names:
             if n in given:
                 cfg.setdefault(section, {})[n] = given[n]
-    for n in ("output", "name", "seed", "online_probe", "tensorboard", "checkpoint_every", "verbose"):
+    for n in ("output", "name", "seed", "online_probe", "tensorboard", "checkpoint_every", "keep_checkpoints",
+              "verbose"):
         if n in given:
             cfg[n] = given[n]
     return cfg, given["resume"]

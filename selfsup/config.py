@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from selfsup.errors import ConfigError
+from selfsup.runs import check_run_name
 
 TRAINER_DEFAULTS: dict = {
     "max_epochs": 100,
@@ -58,6 +59,8 @@ DATA_DEFAULTS: dict = {
     "cache_dir": None,
     "skip_bad": False,
 }
+KEEP_CHECKPOINTS = 2
+"""Numbered checkpoints a run keeps besides ``last.ckpt`` (the newest; one more in case it is damaged)."""
 TOP_LEVEL_TYPES: dict[str, str] = {
     "method": "str",
     "seed": "int",
@@ -66,6 +69,7 @@ TOP_LEVEL_TYPES: dict[str, str] = {
     "online_probe": "bool",
     "tensorboard": "bool",
     "checkpoint_every": "int | None",
+    "keep_checkpoints": "int",
     "verbose": "bool",
 }
 _MIN_VALUES = {  # smallest valid value of integer settings (-1: "no limit" where Lightning allows it)
@@ -73,6 +77,7 @@ _MIN_VALUES = {  # smallest valid value of integer settings (-1: "no limit" wher
     "trainer.accumulate_grad_batches": 1, "trainer.log_every_n_steps": 1, "trainer.check_val_every_n_epoch": 1,
     "trainer.fast_dev_run": 0, "data.batch_size": 1, "data.num_workers": 0, "data.image_size": 1,
     "checkpoint_every": 1,
+    "keep_checkpoints": 0,
 }
 
 
@@ -91,6 +96,7 @@ def default_config(method: str = "rotation") -> dict:
         "online_probe": True,
         "tensorboard": False,
         "checkpoint_every": None,
+        "keep_checkpoints": KEEP_CHECKPOINTS,
         "verbose": False,
     }
 
@@ -340,6 +346,8 @@ def validate_config(cfg: dict, source: str = "") -> dict:
     for k, ann in TOP_LEVEL_TYPES.items():
         if k in out:
             out[k] = check_value(out[k], ann, k, source)
+    if out.get("name") is not None:
+        check_run_name(out["name"], prefix + "name")
     method = out.get("method")
     if method not in METHODS:
         raise ConfigError(prefix + unknown_name_message("method", method, METHODS))

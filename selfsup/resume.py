@@ -53,11 +53,21 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+METRICS_KEY = "selfsup_metrics"
+
+
 class ExactResume(Callback):
-    """Saves the RNG states in every checkpoint and restores them when a resumed run starts training."""
+    """Saves the RNG states in every checkpoint and restores them when a resumed run starts training.
+
+    Every checkpoint also holds the run's latest logged values (``trainer.callback_metrics``): a resumed
+    process logs only what it trains, so ``metrics.json`` is these values overlaid with the new ones, the
+    same dictionary an uninterrupted run ends with (``val/online_top1`` of an epoch the resumed process did
+    not validate, the learning rates, a finished run's whole set).
+    """
 
     def __init__(self) -> None:
         self._pending: dict | None = None
+        self.restored_metrics: dict[str, float] = {}
 
     @property
     def state_key(self) -> str:
@@ -85,6 +95,15 @@ class ExactResume(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         for logger in trainer.loggers:  # rows logged before this checkpoint must survive a kill after it
             logger.save()
+        checkpoint[METRICS_KEY] = self.metrics(trainer)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self.restored_metrics = dict(checkpoint.get(METRICS_KEY) or {})
+
+    def metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        """The run's latest value of every scalar logged: the restored ones, overlaid with this process's."""
+        now = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        return {**self.restored_metrics, **now}
 
 
 class FreshTimer(Timer):
@@ -117,6 +136,10 @@ class SaveOnSigterm(Callback):
     Ctrl-C is turned into the same request while training runs (a ``KeyboardInterrupt`` may arrive inside
     an optimiser step, whose state is not whole): the step is saved in ``interrupt_path``. A second Ctrl-C
     stops at once, without saving.
+
+    A signal that arrives during the end-of-epoch validation waits for that validation to end: Lightning
+    would stop between two validation batches, and a resume never redoes a validation it was inside, so
+    that epoch's row would be missing from ``metrics.csv``.
     """
 
     def __init__(self, path, interrupt_path=None) -> None:
@@ -126,6 +149,33 @@ class SaveOnSigterm(Callback):
         self.saved = False
         self.interrupted = False
         self._previous = None
+        self._deferred = False
+        self._in_validation = False
+        self._previous_sigterm = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != "fit":  # a validation of its own (trainer.validate) stops where it is asked to
+            return
+        self._in_validation = True
+        if trainer._signal_connector.received_sigterm:  # arrived in the last training batch: after this
+            trainer._signal_connector.received_sigterm = False
+            self._deferred = True
+        if threading.current_thread() is threading.main_thread():
+            def on_sigterm(signum, frame) -> None:
+                self._deferred = True
+
+            self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._in_validation:
+            return
+        self._in_validation = False
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+        if self._deferred:  # the training loop stops at its next check, with this validation whole
+            trainer._signal_connector.received_sigterm = True
+            self._deferred = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -140,7 +190,10 @@ class SaveOnSigterm(Callback):
                 raise KeyboardInterrupt
             self.interrupted = True
             self.path = self.interrupt_path
-            trainer._signal_connector.received_sigterm = True  # stop at the next batch boundary, as SIGTERM
+            if self._in_validation:
+                self._deferred = True  # stop once this validation is whole
+            else:
+                trainer._signal_connector.received_sigterm = True  # stop at the next batch boundary, as SIGTERM
 
         self._previous = previous
         signal.signal(signal.SIGINT, on_sigint)
@@ -163,6 +216,9 @@ class SaveOnSigterm(Callback):
             signal.signal(signal.SIGINT, previous)
 
     def _restore(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
@@ -177,3 +233,31 @@ class SaveOnSigterm(Callback):
         if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
             trainer.save_checkpoint(self.path)
             self.saved = True
+
+
+class KeepCheckpoints(Callback):
+    """Keeps a run's checkpoints few: after each save, :func:`~selfsup.checkpoint.prune_checkpoints`.
+
+    The files are pruned at the next batch (a checkpoint callback writes after every other callback's hook
+    of the same moment) and once more when the run ends (:meth:`prune`), on global rank zero only.
+    """
+
+    def __init__(self, directory, keep: int) -> None:
+        self.directory = directory
+        self.keep = keep
+        self._saved = True  # the checkpoints of earlier processes, at the first batch
+        self._steps: dict = {}
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._saved = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        if self._saved and trainer.is_global_zero:
+            self.prune()
+
+    def prune(self) -> None:
+        from selfsup.checkpoint import prune_checkpoints
+
+        self._saved = False
+        prune_checkpoints(self.directory, self.keep, self._steps)
+

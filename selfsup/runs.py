@@ -14,6 +14,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -23,6 +24,24 @@ from pathlib import Path
 from selfsup.errors import ConfigError, RunDirError
 
 LOCK_NAME = ".selfsup.lock"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")
+
+
+def check_run_name(name: object, where: str = "name") -> str:
+    """``name`` if it is a plain run name: letters, digits, ``-``, ``_`` and ``.``, not ``.`` or ``..``.
+
+    A run name is one directory under ``--output``: a path (``../x``, ``/abs``), ``.`` or ``..`` would make
+    the run directory some other folder (``runs/`` itself, the working directory), which a rerun could empty.
+
+    Raises:
+        ConfigError: one line naming the bad name.
+    """
+    if isinstance(name, str) and _PLAIN_NAME.fullmatch(name) and name not in (".", ".."):
+        return name
+    raise ConfigError(
+        f"{where} must be a plain run name (letters, digits, '-', '_', '.'; not '.' or '..'), got {name!r}; "
+        "--output chooses the folder runs go in"
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,6 +107,24 @@ def _has_results(run_dir: Path) -> bool:
     return any((run_dir / "checkpoints").glob("*.ckpt")) or (run_dir / "export").exists()
 
 
+def made_by_selfsup(run_dir: Path) -> bool:
+    """Whether selfsup created ``run_dir``: it holds a selfsup lock, or a ``config.yaml`` naming this run.
+
+    Only such a folder is ever emptied for a rerun: a folder of the user's (or ``runs/`` itself, or another
+    run's parent) holds neither, whatever else it holds.
+    """
+    info = _read_lock(run_dir / LOCK_NAME)
+    if isinstance(info, dict) and "pid" in info and "host" in info:
+        return True
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):  # none, unreadable or not YAML: not a config of ours
+        return False
+    return isinstance(cfg, dict) and "method" in cfg and cfg.get("name") == run_dir.name
+
+
 def _empty(run_dir: Path, keep: Path | None = None) -> None:
     for p in run_dir.iterdir():
         if p == keep:
@@ -99,11 +136,13 @@ def _empty(run_dir: Path, keep: Path | None = None) -> None:
 
 
 def is_leftover(run_dir: Path) -> bool:
-    """A run directory no run uses and nothing can resume: no checkpoint, no export, no live lock.
+    """A run directory selfsup made that no run uses and nothing can resume: no checkpoint, no export, no
+    live lock.
 
     What a run killed (or failed) before its first checkpoint leaves; a rerun with its name may take it.
+    A folder selfsup did not create (:func:`made_by_selfsup`) is never a leftover, whatever it holds.
     """
-    if _has_results(run_dir):
+    if _has_results(run_dir) or not made_by_selfsup(run_dir):
         return False
     lock = run_dir / LOCK_NAME
     return not lock.exists() or _lock_is_stale(_read_lock(lock))
@@ -113,15 +152,19 @@ def is_leftover(run_dir: Path) -> bool:
 def claim_run_dir(output: str | Path, name: str | None, base: str, resume: bool) -> Iterator[Path]:
     """Create (or, for ``resume``, lock) the run directory; yields it and releases the lock afterwards.
 
-    ``name=None`` picks ``base``, ``base-1``, ... whichever ``os.mkdir`` creates first. A given ``name``
-    whose directory holds no checkpoint, no export and no live lock (a run that died before its first
-    checkpoint) is emptied and reused. If the block raises before the run wrote a checkpoint or an export,
+    ``name=None`` picks ``base``, ``base-1``, ... whichever ``os.mkdir`` creates first. ``name`` must be a
+    plain name (:func:`check_run_name`). A given ``name`` whose directory selfsup made and that holds no
+    checkpoint, no export and no live lock (a run that died before its first checkpoint) is emptied and
+    reused; a non-empty folder selfsup did not make is refused, never emptied. If the block raises before the run wrote a checkpoint or an export,
     the directory goes again (a folder made by hand, empty before, is emptied), so a failed start never
     blocks a rerun.
 
     Raises:
+        ConfigError: the name is not a plain name.
         RunDirError: the name is taken (or in use by a live run), the output folder is read-only or full.
     """
+    if name is not None:
+        check_run_name(name)
     output = Path(output)
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -150,6 +193,11 @@ def claim_run_dir(output: str | Path, name: str | None, base: str, resume: bool)
                 if name and path.is_dir() and is_leftover(path):
                     run_dir, leftover = path, True  # a run that died before its first checkpoint
                     break
+                if name and path.is_dir() and not made_by_selfsup(path):
+                    raise RunDirError(
+                        f"{path} already exists and is not a selfsup run (no lock, no config.yaml of its own); "
+                        "selfsup never empties a folder it did not make: pass another --name or --output"
+                    ) from None
                 if name:
                     info = _read_lock(path / LOCK_NAME) if path.is_dir() else {}
                     busy = f" and in use by pid {info['pid']}" if info.get("pid") and not _lock_is_stale(info) else ""

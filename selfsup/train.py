@@ -14,6 +14,7 @@ A run is described by a nested config (the same dict is written to ``runs/<name>
     tensorboard: false
     verbose: false                                       # Lightning's start-up chatter and model summary
     checkpoint_every: null                               # also checkpoint every N steps
+    keep_checkpoints: 2                                  # numbered checkpoints kept besides last.ckpt (0: all)
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from selfsup.errors import ConfigError, TrainingError, TrainingInterrupted, Trai
 from selfsup.eval.online import OnlineLinearProbe
 from selfsup.progress import lightning_bar
 from selfsup.quiet import quiet_lightning
-from selfsup.resume import ExactResume, FreshTimer, SaveOnSigterm, StartupInterrupted
+from selfsup.resume import ExactResume, FreshTimer, KeepCheckpoints, SaveOnSigterm, StartupInterrupted
 from selfsup.runs import claim_run_dir, merge_metrics, set_aside_metrics
 from selfsup.ssl.module import METHODS, SSLModule, build_method
 from selfsup.ssl.module import method_arguments as class_arguments
@@ -104,7 +105,7 @@ def resolve_config(config: dict | None, resume: bool = False) -> dict:
     """The complete, validated config of a run: defaults, the user's values, and (on resume) the run's own.
 
     On ``resume`` the run's ``config.yaml`` wins, except for the trainer settings and
-    ``checkpoint_every`` the caller gives (how long to train and where).
+    ``checkpoint_every`` and ``keep_checkpoints`` the caller gives (how long to train and where).
 
     Raises:
         ConfigError: an unknown key or method, a value of the wrong type; one line naming it.
@@ -130,8 +131,9 @@ def resolve_config(config: dict | None, resume: bool = False) -> dict:
     run = validate_config(merge_config(default_config(saved_method), saved, str(path)), source=str(path))
     given_trainer = given.get("trainer") or {}
     run["trainer"].update({k: cfg["trainer"][k] for k in given_trainer})
-    if "checkpoint_every" in given:
-        run["checkpoint_every"] = cfg["checkpoint_every"]
+    for key in ("checkpoint_every", "keep_checkpoints"):
+        if key in given:
+            run[key] = cfg[key]
     run["output"], run["name"] = cfg["output"], cfg["name"]
     check_ranges(run)  # the run's own settings with the new limits: still a run that ends
     return run
@@ -214,6 +216,19 @@ def final_validation_batch(max_steps: int, n_train: int, global_batch: int, accu
     return None if last >= batches else last
 
 
+def is_finished(run_dir: Path, checkpoint: Path) -> bool:
+    """Whether a run wrote what it owes at its end (``export/``, then ``metrics.json``) after ``checkpoint``.
+
+    An export older than the checkpoint is an earlier limit's (a resume that trained on was killed before
+    its own export): not finished. Where mtimes mislead (a copy), the export is merely written again.
+    """
+    metrics, export = run_dir / "metrics.json", run_dir / "export" / "config.json"
+    try:
+        return export.is_file() and metrics.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns
+    except OSError:
+        return False
+
+
 def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resume: bool, callbacks: list,
          launcher_zero: bool) -> RunResult:
     ckpt_dir = run_dir / "checkpoints"
@@ -232,13 +247,19 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
     max_time = trainer_kwargs.pop("max_time", None)
     every = cfg.get("checkpoint_every")
     timer = FreshTimer(duration=max_time, interval="step") if max_time else None
+    exact = ExactResume()
+    keep = KeepCheckpoints(ckpt_dir, cfg.get("keep_checkpoints", 2))
     sigterm = SaveOnSigterm(ckpt_dir / "sigterm.ckpt", ckpt_dir / "interrupt.ckpt")
     cbs = [
-        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1),
+        # all kept here, across resumes too, then bounded by KeepCheckpoints (Lightning's own bound forgets
+        # the files of earlier processes)
+        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1, save_top_k=-1),
         # resume takes the newest checkpoint that loads, so this one needs no last.ckpt of its own
-        *([ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every)] if every else []),
+        *([ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=every, save_top_k=-1)]
+          if every else []),
+        keep,
         LearningRateMonitor(logging_interval="step"),
-        ExactResume(),
+        exact,
         sigterm,
         DivergenceGuard(),
         *([timer] if timer else []),
@@ -312,15 +333,22 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
     finally:
         if trainer.is_global_zero:
             merge_metrics(run_dir, resumed_step)
+            keep.prune()  # after the last checkpoint of this process, the one SIGTERM saved included
     if resumed_step is not None and trainer.global_step <= resumed_step:
         if saved_config is not None:  # nothing was trained with the new settings: the run's own stay
             atomic_write_text(run_dir / "config.yaml", saved_config)
-        limits = {k: cfg["trainer"][k] for k in ("max_epochs", "max_steps")}
-        raise TrainingError(
-            f"--resume trained no step: {run_dir.name} already reached its limits ({limits}, at step "
-            f"{resumed_step}); pass a larger --max-epochs or --max-steps to continue it"
-        )
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if is_finished(run_dir, ckpt_path):
+            limits = {k: cfg["trainer"][k] for k in ("max_epochs", "max_steps")}
+            raise TrainingError(
+                f"--resume trained no step: {run_dir.name} already reached its limits ({limits}, at step "
+                f"{resumed_step}); pass a larger --max-epochs or --max-steps to continue it"
+            )
+        # killed after its last checkpoint, before its export: the weights are the last step's (fit restored
+        # them); what the run still owes is written below
+        if launcher_zero:
+            print(f"selfsup: note: {run_dir.name} had trained all its steps ({resumed_step}); writing its "
+                  "export and metrics.json", file=sys.stderr)
+    metrics = exact.metrics(trainer)
     if trainer.is_global_zero:
         # skip_bad travels with the export (only when set: other exports' hashes stay as they were), so an
         # export copied away from its run still skips the files its run skipped

@@ -48,7 +48,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     [
         (lambda p: p.write_bytes(b""), "is empty"),
         (lambda p: p.write_bytes(p.with_suffix(".good").read_bytes()[:200]), "cannot be loaded"),
-        (lambda p: p.write_bytes(os.urandom(4096)), "cannot be loaded"),
+        (lambda p: p.write_bytes(os.urandom(4096)), "(cannot be|was not) loaded"),
         (lambda p: torch.save({"weights": torch.zeros(2)}, p), "not a selfsup/Lightning training checkpoint"),
         (lambda p: torch.save([1, 2], p), "not a selfsup/Lightning training checkpoint"),
     ],
@@ -77,10 +77,47 @@ def test_a_pickle_that_would_run_a_command_is_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
     with path.open("wb") as f:
         pickle.dump({"state_dict": {}, "global_step": 0, "x": _RunsACommand(marker)}, f)
-    with pytest.raises(CheckpointError, match="could run code"):
+    with pytest.raises(CheckpointError, match="not a plain checkpoint and was not loaded"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError):
         AtomicCheckpointIO().load_checkpoint(path)  # what Lightning's resume calls
+    assert not marker.exists()
+
+
+def test_a_crafted_checkpoint_is_refused_without_torchs_unsafe_advice(tmp_path):
+    """Issue 21, item 13: torch's refusal advises re-running with ``weights_only=False`` (which runs the code)."""
+    import torch
+    import yaml
+
+    from tests.conftest import run_cli_here
+
+    marker = tmp_path / "pwned"
+    raw, zipped = tmp_path / "raw.ckpt", tmp_path / "zipped.ckpt"
+    with raw.open("wb") as f:
+        pickle.dump({"state_dict": {}, "global_step": 0, "x": _RunsACommand(marker)}, f)
+    torch.save({"state_dict": {}, "global_step": 0, "x": _RunsACommand(marker)}, zipped)
+    for path in (raw, zipped):
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        said = str(err.value)
+        assert said.startswith(f"checkpoint {path} is not a plain checkpoint and was not loaded (")
+        assert "weights_only" not in said and "\n" not in said
+    assert "it names code to run: " in said and "system" in said  # torch.save's file names os.system
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(CheckpointError, match="not a plain checkpoint and was not loaded") as err:
+        load_checkpoint(junk)
+    assert "weights_only" not in str(err.value)
+    # what a user sees when the run to resume holds only such a file
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"method": "rotation", "name": "r", "online_probe": False,
+                                                     "model": {"backbone": "convnet_small"},
+                                                     "data": {"image_size": 8}}))
+    (run / "checkpoints" / "last.ckpt").write_bytes(zipped.read_bytes())
+    r = run_cli_here("pretrain", "--resume", "--name", "r", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not a plain checkpoint" in r.stderr and "weights_only" not in r.stderr, r.stderr
     assert not marker.exists()
 
 

@@ -227,7 +227,7 @@ def test_load_encoder_refuses_checkpoints_that_would_run_code_or_are_not_ours(tm
     runs_code = tmp_path / "runs_code.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, CHECKPOINT_METHOD_KEY: "rotation",
                 "x": _RunsACommand(marker)}, runs_code)
-    assert "was not loaded (unpickling it could run code)" in _refusal(runs_code)
+    assert "was not loaded (it names code to run" in _refusal(runs_code)
     assert not marker.exists()  # nothing in the file ran
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, "x": _Foreign()}, foreign)

@@ -172,3 +172,102 @@ def test_pretrain_failing_at_train_start_leaves_no_dir_and_a_rerun_works(tmp_pat
         pretrain(cfg, callbacks=[FailAtStart()])
     assert not (tmp_path / "n").exists()
     assert (pretrain(cfg).run_dir / "export" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 21, item 1: a run name is a plain name, and a folder selfsup did not make is never emptied
+# --------------------------------------------------------------------------------------------------
+
+
+def _others(root):
+    """Another finished run and user files around ``root/runs``; returns what must survive, by path."""
+    files = {
+        root / "notes.txt": "user file in the working directory",
+        root / "runs" / "README": "user file beside the runs",
+        root / "runs" / "done" / "config.yaml": "method: rotation\nname: done\n",
+        root / "runs" / "done" / "checkpoints" / "last.ckpt": "ckpt",
+        root / "runs" / "done" / "export" / "config.json": "{}",
+    }
+    for p, text in files.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return files
+
+
+@pytest.mark.parametrize("name", [".", "..", "../x", "ABS", "a b", "a;b", "a/b", ""])
+def test_a_run_name_that_is_not_a_plain_name_is_refused_and_deletes_nothing(tmp_path, name):
+    from tests.conftest import run_cli_here
+
+    name = str(tmp_path / "abs") if name == "ABS" else name  # an absolute path, inside this test's folder
+    files = _others(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    r = run_cli_here("pretrain", "--data", "digits", "--image-size", "8", "--backbone", "convnet_small",
+                     "--max-steps", "1", "--no-online-probe", "--name", name, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plain run name" in lines[0] and repr(name) in lines[0], r.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert all(p.read_text() == text for p, text in files.items())
+
+
+def test_a_run_name_is_checked_in_config_files_the_python_api_and_the_quality_benchmark(tmp_path):
+    from selfsup.errors import ConfigError
+    from selfsup.train import pretrain
+    from tests.conftest import run_cli_here
+
+    files = _others(tmp_path)
+    cfg = {"method": "rotation", "model": {"backbone": "convnet_small"}, "data": {"image_size": 8},
+           "trainer": {"max_steps": 1}, "online_probe": False, "output": str(tmp_path / "runs")}
+    for name in (".", "..", "../escape"):
+        with pytest.raises(ConfigError, match="plain run name"):
+            pretrain({**cfg, "name": name})
+        with pytest.raises(ConfigError, match="plain run name"):
+            pretrain({**cfg, "name": name}, resume=True)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**cfg, "name": ".."}))
+    r = run_cli_here("pretrain", "--config", str(tmp_path / "bad.yaml"), cwd=tmp_path)
+    assert r.returncode == 2 and "plain run name" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    with pytest.raises(ConfigError, match="plain run name"), claim_run_dir(tmp_path, "..", "x", resume=False):
+        pass
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    with pytest.raises(ConfigError, match="plain run name"):
+        quality.pretrain_once({**cfg, "name": ".."}, tmp_path / "runs" / "done")
+    assert all(p.read_text() == text for p, text in files.items())
+
+
+def test_a_folder_selfsup_did_not_make_is_never_emptied(tmp_path, capsys):
+    import json
+    import socket
+
+    user = tmp_path / "mine"
+    (user / "sub").mkdir(parents=True)
+    (user / "data.txt").write_text("precious")
+    (user / "sub" / "more.txt").write_text("precious too")
+    (user / "config.yaml").write_text("my: own config\n")  # a config.yaml, but not this run's
+    # no checkpoint, no export, no lock: today's claim took it for a dead run's leftover and emptied it
+    with pytest.raises(RunDirError, match="not a selfsup run"), claim_run_dir(tmp_path, "mine", "x", resume=False):
+        pass
+    assert (user / "data.txt").read_text() == "precious" and (user / "sub" / "more.txt").is_file()
+    # a selfsup config.yaml of another name (copied in by hand) does not make it this run's either
+    (user / "config.yaml").write_text("method: rotation\nname: other\n")
+    with pytest.raises(RunDirError, match="not a selfsup run"), claim_run_dir(tmp_path, "mine", "x", resume=False):
+        pass
+    assert (user / "data.txt").read_text() == "precious"
+    # what selfsup made (its own config.yaml, or a dead run's lock) is still a leftover a rerun takes
+    for marker in ("config", "lock"):
+        run = tmp_path / f"dead-{marker}"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "metrics.csv").write_text("step\n")
+        if marker == "config":
+            (run / "config.yaml").write_text(f"method: rotation\nname: {run.name}\n")
+        else:
+            dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True)
+            (run / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+        with claim_run_dir(tmp_path, run.name, "x", resume=False) as got:
+            assert got == run and sorted(p.name for p in run.iterdir()) == [LOCK_NAME]
+            (run / "export").mkdir()
+        assert "reusing" in capsys.readouterr().err

@@ -277,7 +277,7 @@ def _image_size_of(path: str | Path) -> int:
     try:
         with Image.open(path) as image:
             return min(image.size)
-    except (OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # a bomb: its header says so
         raise DataError(
             f"{path} is not a readable image ({err}): replace or remove it, {_SKIP_HINT}"
         ) from None

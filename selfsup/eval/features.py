@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from selfsup.checkpoint import clean_stale_temp_files, finish_temp
+from selfsup.checkpoint import clean_stale_temp_files, disk_full, finish_temp, no_space_error, reserve_space
 from selfsup.data.datasets import batch_collate, load_dataset
 from selfsup.errors import ConfigError
 from selfsup.progress import BarCallback
@@ -267,7 +268,11 @@ def extract_features(
     key, meta = _cache_key(encoder, dataset, split, dtype)
     path = cache_dir / f"{key}.safetensors"
     if path.is_file() and not refresh:
-        return _load(path)
+        damage = check_cache_file(path)
+        if damage is None:
+            return _load(path)
+        print(f"selfsup: note: feature cache {path} is damaged ({damage}); extracting again", file=sys.stderr)
+        path.unlink(missing_ok=True)
 
     module = _Extractor(encoder, _DTYPES[dtype])
     bar = PredictionBar(f"extract {name or encoder_name(encoder)} {split} ({len(dataset):,} images)", len(dataset))
@@ -346,7 +351,7 @@ class _CacheWriter:
         np_dtype = np.dtype(np.float16 if dtype == "float16" else np.float32)
         feat_bytes = n * dim * np_dtype.itemsize
         header = {
-            "__metadata__": {**meta, "num_features": str(dim)},
+            "__metadata__": {**meta, "num_features": str(dim), CHECK_KEY: _CHECK_PLACEHOLDER},
             "features": {"dtype": "F16" if dtype == "float16" else "F32", "shape": [n, dim],
                          "data_offsets": [0, feat_bytes]},
             "labels": {"dtype": "I64", "shape": [n], "data_offsets": [feat_bytes, feat_bytes + 8 * n]},
@@ -354,11 +359,20 @@ class _CacheWriter:
         raw = json.dumps(header).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
         self.path, self.n = path, n
+        self.header = struct.pack("<Q", len(raw)) + raw
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        with self.tmp.open("wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            f.truncate(8 + len(raw) + feat_bytes + 8 * n)
+        total = 8 + len(raw) + feat_bytes + 8 * n
+        try:
+            with self.tmp.open("wb") as f:
+                f.write(struct.pack("<Q", len(raw)) + raw)
+                f.truncate(total)
+                reserve_space(f.fileno(), total)  # a sparse map on a full disk dies of SIGBUS when written
+        except OSError as err:
+            self.tmp.unlink(missing_ok=True)
+            if disk_full(err, path, total):
+                raise no_space_error(path, total) from None
+            raise
         start = 8 + len(raw)
         self.features = np.memmap(self.tmp, dtype=np_dtype, mode="r+", offset=start, shape=(n, dim))
         self.labels = np.memmap(self.tmp, dtype=np.int64, mode="r+", offset=start + feat_bytes, shape=(n,))
@@ -378,7 +392,64 @@ class _CacheWriter:
         if missing:
             self.tmp.unlink()
             raise RuntimeError(f"feature extraction missed {missing} of {self.n} images")
+        with self.tmp.open("rb+") as f:  # the checksum of the header and labels, into its placeholder
+            check = _checksum(self.header, _read_labels(f, self.header))
+            f.seek(self.header.index(_CHECK_PLACEHOLDER.encode()))
+            f.write(check.encode())
         finish_temp(self.tmp, self.path)  # fsync + rename: a crash never leaves a half-written cache file
+
+
+CHECK_KEY = "check_sha256"
+_CHECK_PLACEHOLDER = "0" * 64
+
+
+def _checksum(header: bytes, labels: bytes) -> str:
+    """sha256 of a cache file's header (its checksum field as the placeholder) and its labels: a cheap check
+    (the features themselves are not read) that catches a truncated, cut or edited file."""
+    return hashlib.sha256(header + labels).hexdigest()
+
+
+def _read_labels(f, header: bytes) -> bytes:
+    info = json.loads(header[8:])["labels"]
+    start, end = info["data_offsets"]
+    f.seek(len(header) + start)
+    return f.read(end - start)
+
+
+def check_cache_file(path: str | Path) -> str | None:
+    """Why a feature-cache file cannot be used (truncated, header unreadable, sizes or checksum wrong), or None.
+
+    Reads the header and the labels only: the file's size must be exactly the header's plus the tensors'
+    bytes, and a file written with a checksum (:data:`CHECK_KEY`) must match it.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a header"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"header of {n} bytes in a file of {size}"
+            raw = f.read(n)
+            header = json.loads(raw)
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+            if 8 + n + end != size:
+                return f"{size} bytes where its header needs {8 + n + end}"
+            if set(tensors) != {"features", "labels"}:
+                return f"tensors {sorted(tensors)}, not features and labels"
+            meta = header.get("__metadata__") or {}
+            want = meta.get(CHECK_KEY)
+            if want is None:
+                return None  # written before checksums: sizes only
+            plain = head + raw.replace(want.encode(), _CHECK_PLACEHOLDER.encode(), 1)
+            if _checksum(plain, _read_labels(f, plain)) != want:
+                return "its header or labels do not match their checksum"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"unreadable: {err}"
+    return None
 
 
 def _load(path: Path) -> Features:

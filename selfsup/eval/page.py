@@ -233,9 +233,16 @@ def write_report(runs: list[str | Path], output: str | Path, data: str | None = 
             s.name = f"{s.name} ({s.path.parent.name})" if s.path.parent.name else f"{s.name} #{i}"
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(render(summaries, title="selfsup report: " + ", ".join(s.name for s in summaries)))
-    tmp.replace(output)
+    from selfsup.checkpoint import atomic_write, disk_full, no_space_error
+
+    page = render(summaries, title="selfsup report: " + ", ".join(s.name for s in summaries)).encode()
+    try:
+        with atomic_write(output) as f:  # its temporary file goes on any failure
+            f.write(page)
+    except OSError as err:
+        if disk_full(err, output, len(page)):
+            raise no_space_error(output, len(page)) from None
+        raise
     return output
 
 

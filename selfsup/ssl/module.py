@@ -352,9 +352,14 @@ def method_arguments(cls: type[SSLModule]) -> dict[str, inspect.Parameter]:
 
 
 def build_method(name: str, hparams: dict[str, Any], where: str = "model") -> SSLModule:
-    """``METHODS[name](**hparams)``, an unknown or misspelt argument named in one line (``ConfigError``)."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    """``METHODS[name](**hparams)``, an unknown or misspelt argument named in one line (``ConfigError``).
+
+    ``name`` and ``hparams`` may come from a file (an export's ``config.json``): their types are checked too.
+    """
+    if not isinstance(name, str) or name not in METHODS:
+        raise ConfigError(f"{where}: unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    if not isinstance(hparams, dict) or not all(isinstance(k, str) for k in hparams):
+        raise ConfigError(f"{where}: hparams must be a mapping of {name}'s argument names to values, got {hparams!r}")
     known = method_arguments(METHODS[name])
     for k in hparams:
         if k not in known:

@@ -1,0 +1,216 @@
+"""Issue 21 (reliability, round 3): crafted exports, full disks, bad files, start-up signals."""
+
+import json
+
+import pytest
+
+from selfsup.errors import ConfigError
+from tests.conftest import run_cli_here
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"hparams": [1, 2]}, "hparams must be a mapping"),
+    ({"hparams": "lr=0.1"}, "hparams must be a mapping"),
+    ({"method": ["rotation"]}, "unknown method"),
+    ({"method": 3}, "unknown method"),
+])
+def test_an_export_config_of_the_wrong_shape_is_one_line(tmp_path, config, says):
+    """Item 8: ``"hparams": [1, 2]`` was ``TypeError: 'int' object is not iterable`` from build_method."""
+    from selfsup import load_encoder
+
+    export = tmp_path / "export"
+    export.mkdir()
+    base = {"format": 1, "method": "rotation", "hparams": {"backbone": "convnet_small"}, "num_features": 64}
+    from selfsup.ssl.module import EXPORT_FORMAT
+
+    (export / "config.json").write_text(json.dumps({**base, "format": EXPORT_FORMAT, **config}))
+    (export / "encoder.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=says) as err:
+        load_encoder(export)
+    assert str(export / "config.json") in str(err.value)
+    r = run_cli_here("probe", str(export), "--data", "digits", "--image-size", "8", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, r.stderr
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header declares ``width`` x ``height`` (a decompression bomb's), with one tiny IDAT."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4))
+                     + chunk(b"IEND", b""))
+
+
+def _folder_with_a_bomb(root):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / "train" / cls / f"{i}.png")
+    _png_header_only(root / "train" / "a" / "bomb.png", 30000, 30000)
+    return root / "train" / "a" / "bomb.png"
+
+
+def test_a_decompression_bomb_without_image_size_is_one_line_or_skipped(tmp_path):
+    """Item 6: size inference read the bomb's header and raised PIL's DecompressionBombError."""
+    from selfsup.data.datamodule import SelfSupDataModule
+
+    bomb = _folder_with_a_bomb(tmp_path / "data")
+    r = run_cli_here("pretrain", "--data", str(tmp_path / "data"), "--backbone", "convnet_small", "--max-steps", "1",
+                     "--no-online-probe", "--batch-size", "4", "--output", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bomb) in lines[0] and "decompression bomb" in lines[0], r.stderr
+    dm = SelfSupDataModule(data=str(tmp_path / "data"), batch_size=4, skip_bad=True)
+    with pytest.warns(UserWarning):  # the skipped file is counted and named
+        dm.setup("fit")
+    assert dm.image_size == 8 and len(dm.train_set) + (len(dm.val_set) if dm.val_set is not None else 0) == 8
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 20 MiB tmpfs (``mount -t tmpfs``, needs root); skipped with the reason where mounting fails."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill: {r.stderr.strip() or r.returncode}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def fill(disk, leave: int) -> None:
+    """Fill ``disk`` up to ``leave`` bytes free (a real file of zeros)."""
+    import shutil
+
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "ab") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_a_full_disk_during_report_is_one_line_and_leaves_no_temporary(small_disk, tmp_path):
+    """Item 4: ``report -o`` said only "No space left on device" and left report.html.tmp behind."""
+    from selfsup.train import pretrain
+
+    run = pretrain({"method": "rotation", "model": {"backbone": "convnet_small"}, "data": {"image_size": 8},
+                    "trainer": {"max_steps": 2}, "online_probe": False, "output": str(tmp_path / "runs"),
+                    "name": "r"}).run_dir
+    fill(small_disk, 0)
+    out = small_disk / "report.html"
+    r = run_cli_here("report", str(run), "-o", str(out), "--no-pictures", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot write {out}: no space left on the disk (needs about" in lines[0], r.stderr
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+CKPT_CFG = {"method": "rotation", "model": {"backbone": "convnet_small"}, "data": {"image_size": 8, "batch_size": 256},
+            "trainer": {"max_epochs": 2, "log_every_n_steps": 100}, "online_probe": False, "checkpoint_every": 2,
+            "name": "r"}
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(small_disk):
+    """Item 3: a 23-frame ``RuntimeError: [enforce fail at inline_container.cc]`` traceback."""
+    from pytorch_lightning.callbacks import Callback
+
+    from selfsup.checkpoint import load_checkpoint
+    from selfsup.errors import RunDirError
+    from selfsup.train import pretrain
+
+    class FillDiskAfterStep2(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 3:  # step=2.ckpt is written; step=4.ckpt (about 2 MiB) will not fit
+                fill(small_disk, 256 * 1024)
+
+    with pytest.raises(RunDirError) as err:
+        pretrain({**CKPT_CFG, "output": str(small_disk)}, callbacks=[FillDiskAfterStep2()])
+    ckpts = small_disk / "r" / "checkpoints"
+    said = str(err.value)
+    assert said.startswith(f"cannot write {ckpts / 'step=4.ckpt'}: no space left on the disk (needs about ")
+    assert "\n" not in said and "enforce fail" not in said
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step=2.ckpt"]  # no temporary left, the earlier one kept
+    assert load_checkpoint(ckpts / "step=2.ckpt")["global_step"] == 2
+
+
+EXTRACT = """
+import sys
+from selfsup.errors import SelfsupError
+from selfsup.eval.features import extract_features
+from selfsup.ssl.backbone import Backbone
+from selfsup.ssl.module import ImageEncoder
+
+try:
+    f = extract_features(ImageEncoder(Backbone("convnet_small")).eval(), "digits", image_size=8, cache_dir=sys.argv[1],
+                         progress=False)
+    print("rows", len(f.y))
+except SelfsupError as e:
+    print(f"selfsup: error: {e}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_a_full_disk_during_feature_extraction_is_one_line_not_sigbus(small_disk, tmp_path):
+    """Item 2: the cache writer filled a sparse memory map: a full disk killed the process with SIGBUS (135)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SELFSUP_CACHE": str(tmp_path / "cache")}
+    fill(small_disk, 64 * 1024)  # the train features (1437 x 64 float32, 368 KB) do not fit
+    r = subprocess.run([sys.executable, "-c", EXTRACT, str(small_disk / "features")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no space left on the disk (needs about" in lines[0], r.stderr
+    assert str(small_disk / "features") in lines[0]
+    left = [p.name for p in small_disk.rglob("*") if p.is_file()]
+    assert left == ["filler"], left  # nothing half-written
+    (small_disk / "filler").unlink()  # with room, the same call works
+    r = subprocess.run([sys.executable, "-c", EXTRACT, str(small_disk / "features")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0 and "rows 1437" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_damaged_feature_cache_is_rebuilt_with_a_note(tmp_path, capsys):
+    """Item 5: a truncated cache file gave ``ValueError: mmap length is greater than file size``."""
+    import numpy as np
+
+    from selfsup.eval.features import check_cache_file, extract_features
+    from selfsup.ssl.backbone import Backbone
+    from selfsup.ssl.module import ImageEncoder
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    enc = ImageEncoder(Backbone("convnet_small")).eval()
+    kw = dict(image_size=8, cache_dir=tmp_path, progress=False, split="val")
+    first = extract_features(enc, "digits", **kw)
+    x, y = np.array(first.x), np.array(first.y)
+    (path,) = tmp_path.glob("*.safetensors")
+    good = path.read_bytes()
+    assert check_cache_file(path) is None
+    damages = {
+        "truncated": lambda b: b[:-100],
+        "cut to its header": lambda b: b[:500],
+        "label edited": lambda b: b[:-8] + (int.from_bytes(b[-8:], "little") + 1).to_bytes(8, "little"),
+        "empty": lambda b: b"",
+    }
+    for what, damage in damages.items():
+        path.write_bytes(damage(good))
+        assert check_cache_file(path) is not None, what
+        capsys.readouterr()
+        again = extract_features(enc, "digits", **kw)
+        err = capsys.readouterr().err
+        assert f"selfsup: note: feature cache {path} is damaged (" in err and "extracting again" in err, what
+        assert np.array_equal(np.array(again.x), x) and np.array_equal(np.array(again.y), y), what
+        assert path.read_bytes() == good, what
