@@ -57,6 +57,7 @@ DATA_DEFAULTS: dict = {
     "image_size": None,
     "cache_dir": None,
     "skip_bad": False,
+    "crop_pct": 0.875,
 }
 TOP_LEVEL_TYPES: dict[str, str] = {
     "method": "str",

@@ -21,6 +21,7 @@ from selfsup.data.datasets import (
     load_dataset,
     parse_spec,
 )
+from selfsup.data.geometry import DEFAULT_CROP_PCT
 from selfsup.data.sampler import ResumableLoader, ResumableSampler, loader_generator
 from selfsup.errors import ConfigError, DataError
 
@@ -39,6 +40,12 @@ class SelfSupDataModule(pl.LightningDataModule):
         val: load the val split when the data has one.
         seed: seed of the training order: epoch ``e`` is shuffled by ``seed + e`` alone, so a resumed
             run sees the same batches as an uninterrupted one (see :mod:`selfsup.data.sampler`).
+        crop_pct: evaluation views of large (streamed) images: shorter side to ``image_size / crop_pct``,
+            then the centre ``image_size`` square (0.875: 256 then 224).
+
+    Training views of streamed folders are random-resized crops of the whole original image with the
+    method's scale range (its ``train_crop``), decoded once at the training size in the loader
+    workers; the method then only flips and colour-augments them, batched on the device.
     """
 
     def __init__(
@@ -51,6 +58,7 @@ class SelfSupDataModule(pl.LightningDataModule):
         skip_bad: bool = False,
         val: bool = True,
         seed: int = 0,
+        crop_pct: float = DEFAULT_CROP_PCT,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -64,13 +72,17 @@ class SelfSupDataModule(pl.LightningDataModule):
         self.skip_bad = skip_bad
         self.val = val
         self.seed = seed
+        if not 0.0 < crop_pct <= 1.0:
+            raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+        self.crop_pct = crop_pct
         self._image_size = image_size
         self._train: ArrayDataset | FolderStream | None = None
         self._val: ArrayDataset | FolderStream | None = None
 
     def _load(self, split: str, image_size: int | None) -> ArrayDataset | FolderStream:
         return load_dataset(
-            self.data, split, image_size=image_size, cache_dir=self.cache_dir, skip_bad=self.skip_bad
+            self.data, split, image_size=image_size, cache_dir=self.cache_dir, skip_bad=self.skip_bad,
+            crop_pct=self.crop_pct,
         )
 
     def _has_val(self) -> bool:
@@ -143,10 +155,19 @@ class SelfSupDataModule(pl.LightningDataModule):
         if not shuffle:
             return DataLoader(dataset, shuffle=False, **common)
         trainer = self._trainer_or_none()
+        dataset = self._training_views(dataset, trainer)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         progress = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed) if trainer else None
         return ResumableLoader(dataset, sampler=sampler, progress=progress, **common)
+
+    def _training_views(self, dataset, trainer):
+        """A streamed folder's training views: the attached method's random-resized crops, in the loader."""
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if not isinstance(dataset, FolderStream) or not hasattr(module, "train_crop"):
+            return dataset
+        module.crops_in_loader = True  # the method must not crop these views again
+        return dataset.training_views(module.train_crop(dataset.image_size), self.seed)
 
     def _trainer_or_none(self):
         try:
