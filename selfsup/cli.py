@@ -39,6 +39,8 @@ DATA_FLAGS = {
     "cache_dir": (str, "where decoded small datasets are cached (default: $SELFSUP_CACHE or ~/.cache/selfsup)"),
     "crop_pct": (float, "evaluation views of large images: shorter side to image-size / crop-pct, then the centre "
                  "crop (0.875: 256 then 224)"),
+    "decode": (str, "where large images are decoded: 'loader' (DataLoader workers) or 'device' (workers only read "
+               "bytes; the batch is decoded, cropped and resized on the training device, nvJPEG on a GPU)"),
 }
 
 

@@ -58,6 +58,7 @@ DATA_DEFAULTS: dict = {
     "cache_dir": None,
     "skip_bad": False,
     "crop_pct": 0.875,
+    "decode": "loader",
 }
 TOP_LEVEL_TYPES: dict[str, str] = {
     "method": "str",

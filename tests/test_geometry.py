@@ -14,7 +14,7 @@ from selfsup.data.decode import decode_view
 from selfsup.data.geometry import EvalCrop, TrainCrop, WholeImage, draw_rng, reduction
 from selfsup.data.sampler import SampleIndex
 from selfsup.data.stream import FolderStream
-from selfsup.errors import ConfigError
+from selfsup.errors import ConfigError, DataError
 
 THIRDS = ((255, 0, 0), (0, 255, 0), (0, 0, 255))
 
@@ -147,7 +147,8 @@ def test_datamodule_crops_streamed_folders_in_the_loader(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_pretrain_on_streamed_folder_records_crop_pct(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode", ["loader", "device"])
+def test_pretrain_on_streamed_folder_records_crop_pct(tmp_path: Path, decode: str) -> None:
     import json
 
     from selfsup.train import pretrain
@@ -158,7 +159,8 @@ def test_pretrain_on_streamed_folder_records_crop_pct(tmp_path: Path) -> None:
         (root / "val" / c).mkdir(parents=True)
         thirds_image().save(root / "val" / c / "0.jpg")
     cfg = {"model": {"backbone": "convnet_small", "crop_scale": 0.3},
-           "data": {"data": str(root), "image_size": 97, "batch_size": 3, "num_workers": 0, "crop_pct": 0.5},
+           "data": {"data": str(root), "image_size": 97, "batch_size": 3, "num_workers": 0, "crop_pct": 0.5,
+                    "decode": decode},
            "trainer": {"max_steps": 2}, "output": str(tmp_path / "runs"), "name": "r", "online_probe": False}
     run = pretrain(cfg).run_dir
     assert json.loads((run / "export" / "config.json").read_text())["data"]["crop_pct"] == 0.5
@@ -166,3 +168,39 @@ def test_pretrain_on_streamed_folder_records_crop_pct(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(next((run / "eval").glob("knn*.json")).read_text())
     assert "crop_pct=0.5" in json.dumps(rows["provenance"])
+
+
+def test_device_decode_gives_the_loader_views(tmp_path: Path) -> None:
+    """``--decode device`` on the CPU: workers read bytes, the device path cuts the same crops."""
+    root = thirds_folder(tmp_path / "data", fmt="jpg", n=3)
+    (root / "train" / "a" / "x.png").write_bytes((root / "train" / "a" / "0.jpg").read_bytes())  # a JPEG named .png
+    Image.new("RGB", (150, 120), (9, 99, 199)).save(root / "train" / "b" / "y.png")  # a real PNG
+    views = {}
+    for mode in ("loader", "device"):
+        dm = SelfSupDataModule(str(root), batch_size=4, image_size=100, num_workers=1, decode=mode, seed=2)
+        dm.setup("fit")
+        stream = dm.train_set.training_views(TrainCrop(100, (0.2, 1.0)), seed=2)
+        dm._train = stream  # what train_dataloader gives under a Trainer
+        loader = dm.dataloader("train", shuffle=False)
+        views[mode] = [dm.on_before_batch_transfer(b, 0) for b in loader]
+    for (a, ya), (b, yb) in zip(views["loader"], views["device"], strict=True):
+        assert a.shape == b.shape and torch.equal(ya, yb)
+        assert (a.int() - b.int()).abs().max() <= 1  # the same boxes; only the JPEG decoder's rounding may differ
+
+
+def test_device_decode_names_a_bad_file_or_skips_it(tmp_path: Path) -> None:
+    root = thirds_folder(tmp_path / "data", fmt="jpg", n=2)
+    bad = root / "train" / "b" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])
+    dm = SelfSupDataModule(str(root), batch_size=4, image_size=100, num_workers=0, decode="device")
+    dm.setup("fit")
+    batch = next(iter(dm.dataloader("train", shuffle=False)))
+    with pytest.raises(DataError, match="1.jpg is corrupt or truncated"):
+        dm.on_before_batch_transfer(batch, 0)
+    dm = SelfSupDataModule(str(root), batch_size=4, image_size=100, num_workers=0, decode="device", skip_bad=True)
+    dm.setup("fit")
+    with pytest.warns(UserWarning, match="skipped 1 bad image"):
+        images, labels = dm.on_before_batch_transfer(next(iter(dm.dataloader("train", shuffle=False))), 0)
+    assert images.shape == (3, 3, 100, 100) and labels.tolist() == [0, 0, 1]
+    with pytest.raises(ConfigError, match="decode must be one of"):
+        SelfSupDataModule(str(root), decode="gpu")

@@ -186,8 +186,15 @@ def resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
 def crop_resize(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
     """Cut ``box`` out of ``image`` and resize it to ``size`` x ``size`` (once).
 
+    ``image`` may be channels-first or a channels-last view (``hwc.permute(2, 0, 1)``, as decoders give):
+    torch's uint8 antialiased kernel is fastest on channels-last memory, so that layout is kept.
+
     Shape:
-        - image: ``(3, H, W)`` uint8 -> ``(3, size, size)`` uint8
+        - image: ``(3, H, W)`` uint8 -> ``(3, size, size)`` uint8, contiguous
     """
     patch = image[:, box.top : box.top + box.height, box.left : box.left + box.width]
-    return resize_uint8(patch.contiguous(), size)
+    if patch.stride(0) == 1:  # channels-last memory
+        patch = patch.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # (h, w, 3) -> (3, h, w) view
+    else:
+        patch = patch.contiguous()
+    return resize_uint8(patch, size).contiguous()

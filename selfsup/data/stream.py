@@ -71,6 +71,7 @@ class FolderStream(Dataset):
         self.fingerprint = f"{fingerprint or f'{name}:{len(self.files)}'}:crop_pct={self.crop_pct}"
         self.train_crop: TrainCrop | None = None
         self.seed = 0
+        self.bytes_only = False
 
     @property
     def transform(self) -> str:
@@ -90,6 +91,22 @@ class FolderStream(Dataset):
         views.train_crop, views.seed = crop, int(seed)
         return views
 
+    def encoded(self) -> FolderStream:
+        """A copy whose items are the files' encoded bytes, for decoding on the device
+        (see :mod:`selfsup.data.device_decode`)."""
+        views = copy.copy(self)
+        views.bytes_only = True
+        return views
+
+    def _read(self, i: int, epoch: int) -> tuple:
+        try:
+            data = Path(self.files[i]).read_bytes()
+        except OSError as err:
+            raise DataError(f"{self.files[i]} cannot be read ({err.strerror or err})") from None
+        place = self.eval_crop if self.train_crop is None else self.train_crop
+        item = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+        return item, int(self.labels[i]), (epoch, i), self.files[i], place, self.seed, self.skip_bad
+
     def __len__(self) -> int:
         return len(self.files)
 
@@ -104,6 +121,8 @@ class FolderStream(Dataset):
         for offset in range(len(self.files)):
             i = (int(index) + offset) % len(self.files)
             try:
+                if self.bytes_only:
+                    return self._read(i, epoch)
                 image = self.view(i, epoch)
             except DataError as err:
                 if not self.skip_bad:
