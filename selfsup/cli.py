@@ -37,7 +37,21 @@ DATA_FLAGS = {
     "num_workers": (int, "data loader workers for streamed folders (default: up to 8)"),
     "image_size": (int, "square image size the data is resized to (default: the data's own, 224 for large images)"),
     "cache_dir": (str, "where decoded small datasets are cached (default: $SELFSUP_CACHE or ~/.cache/selfsup)"),
+    "crop_pct": (float, "evaluation views of large images: shorter side to image-size / crop-pct, then the centre "
+                 "crop (0.875: 256 then 224)"),
+    "decode": (str, "where large images are decoded: 'loader' (DataLoader workers) or 'device' (workers only read "
+               "bytes; the batch is decoded, cropped and resized on the training device, nvJPEG on a GPU)"),
 }
+
+
+def _crop_pct(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}")
+    return value
 
 
 def _flag(name: str) -> str:
@@ -234,6 +248,9 @@ def build_eval_parsers(sub) -> None:
     common.add_argument("--random-init", metavar="BACKBONE", help="evaluate a randomly initialised BACKBONE instead")
     common.add_argument("--data", help="dataset spec (default: the run's training data)")
     common.add_argument("--image-size", type=_positive, help="resize images to this size (default: the run's)")
+    common.add_argument("--crop-pct", type=_crop_pct, default=None,
+                        help="large images: shorter side resized to image-size / crop-pct, then the centre crop "
+                        "(default: the run's, else 0.875: 256 then 224)")
     common.add_argument("--batch-size", type=_positive, default=256, help="extraction batch size (default: 256)")
     common.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="feature storage dtype")
     common.add_argument("--skip-bad-images", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,
@@ -467,7 +484,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     trainer_kwargs = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes,
                       "strategy": args.strategy}
     ev = harness.prepare(src, args.data, args.image_size, baselines=args.baselines, dtype=args.dtype,
-                         batch_size=args.batch_size, trainer_kwargs=trainer_kwargs, skip_bad=args.skip_bad)
+                         batch_size=args.batch_size, trainer_kwargs=trainer_kwargs, skip_bad=args.skip_bad,
+                         crop_pct=args.crop_pct)
     from selfsup.train import is_launcher_rank_zero
 
     if args.command == "sweep":

@@ -58,6 +58,8 @@ DATA_DEFAULTS: dict = {
     "image_size": None,
     "cache_dir": None,
     "skip_bad": False,
+    "crop_pct": 0.875,
+    "decode": "loader",
 }
 KEEP_CHECKPOINTS = 2
 """Numbered checkpoints a run keeps besides ``last.ckpt`` (the newest; one more in case it is damaged)."""

@@ -353,7 +353,8 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
         # skip_bad travels with the export (only when set: other exports' hashes stay as they were), so an
         # export copied away from its run still skips the files its run skipped
         skip = {"skip_bad": True} if cfg["data"].get("skip_bad") else {}
-        model.export(run_dir / "export", data={"data": cfg["data"]["data"], "image_size": dm.image_size, **skip})
+        model.export(run_dir / "export", data={"data": cfg["data"]["data"], "image_size": dm.image_size,
+                                                 "crop_pct": dm.crop_pct, **skip})
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     limits_reached = (0 < trainer.max_steps <= trainer.global_step) or (
         0 < (trainer.max_epochs or 0) <= trainer.current_epoch)

@@ -18,6 +18,7 @@ from selfsup.data import (
     load_dataset,
     make_augment,
 )
+from selfsup.data import cache as cache_mod
 from selfsup.data import datasets as ds_mod
 from selfsup.errors import DataError
 
@@ -102,7 +103,7 @@ def test_folder_loads_and_caches(tmp_path: Path, cache: Path, monkeypatch: pytes
         raise AssertionError("decoded again instead of reading the cache")
 
     with monkeypatch.context() as m:  # second load hits the cache
-        m.setattr(ds_mod, "_decode_files", no_decode)
+        m.setattr(cache_mod, "_decode_files", no_decode)
         again = load_dataset(str(root), cache_dir=cache)
         assert np.array_equal(np.asarray(again.images), np.asarray(train.images))
 
@@ -125,14 +126,14 @@ def test_folder_resize_and_val_fallback_to_test(tmp_path: Path, cache: Path) -> 
 
 def test_folder_decode_in_pool_surfaces_data_error(tmp_path: Path, cache: Path) -> None:
     root = make_folder(tmp_path / "data", per_class=2, val=False)
-    scan = ds_mod._Scan(root.resolve(), "train")
+    scan = ds_mod.Scan(root.resolve(), "train")
     out = np.zeros((len(scan.files), 12, 12, 3), dtype=np.uint8)
-    assert ds_mod._decode_files(scan.files, 12, out, skip_bad=False, workers=2) == []
+    assert cache_mod._decode_files(scan.files, 12, out, skip_bad=False, workers=2) == []
     assert out[2, 0, 0].tolist() == [60, 195, 40]
     bad = root / "train" / "dog" / "0.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(DataError, match=str(bad)):
-        ds_mod._decode_files(scan.files, 12, out, skip_bad=False, workers=2)
+        cache_mod._decode_files(scan.files, 12, out, skip_bad=False, workers=2)
 
 
 def test_large_images_stream(tmp_path: Path, cache: Path) -> None:

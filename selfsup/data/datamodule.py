@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from selfsup.data.cache import num_cpus
 from selfsup.data.datasets import (
     ArrayDataset,
     FolderStream,
@@ -21,8 +22,16 @@ from selfsup.data.datasets import (
     load_dataset,
     parse_spec,
 )
+from selfsup.data.device_decode import DECODE_MODES, EncodedBatch, bytes_collate, decode_batch
+from selfsup.data.geometry import DEFAULT_CROP_PCT
 from selfsup.data.sampler import ResumableLoader, ResumableSampler, loader_generator
 from selfsup.errors import ConfigError, DataError
+
+
+def default_workers(local_ranks: int = 1) -> int:
+    """Loader workers per rank: the cores this process may run on (its CPU affinity, not the node's
+    count), shared by the ranks on the node, less one for the training process; at least 1."""
+    return max(1, num_cpus() // max(1, local_ranks) - 1)
 
 
 class SelfSupDataModule(pl.LightningDataModule):
@@ -32,13 +41,23 @@ class SelfSupDataModule(pl.LightningDataModule):
         data: a data spec (see :func:`~selfsup.data.datasets.load_dataset`); default the embedded digits.
         batch_size: images per batch (per process under DDP).
         num_workers: DataLoader workers; default 0 for in-memory/cached arrays (a batch is one array
-            read) and ``min(8, cpu_count)`` for streamed folders.
+            read) and, for streamed folders, the cores this rank may use (``os.sched_getaffinity``)
+            divided among the node's ranks, less one.
         image_size: side of the square images; default chosen by the dataset.
         cache_dir: cache for decoded small folders; default ``$SELFSUP_CACHE`` or ``~/.cache/selfsup/data``.
         skip_bad: skip and count bad image files instead of raising.
         val: load the val split when the data has one.
         seed: seed of the training order: epoch ``e`` is shuffled by ``seed + e`` alone, so a resumed
             run sees the same batches as an uninterrupted one (see :mod:`selfsup.data.sampler`).
+        decode: where streamed folders are decoded: ``loader`` (DataLoader workers decode, crop and
+            resize) or ``device`` (workers only read bytes; the batch is decoded, cropped and resized
+            on the training device: nvJPEG on a GPU).
+        crop_pct: evaluation views of large (streamed) images: shorter side to ``image_size / crop_pct``,
+            then the centre ``image_size`` square (0.875: 256 then 224).
+
+    Training views of streamed folders are random-resized crops of the whole original image with the
+    method's scale range (its ``train_crop``), decoded once at the training size in the loader
+    workers; the method then only flips and colour-augments them, batched on the device.
     """
 
     def __init__(
@@ -51,6 +70,8 @@ class SelfSupDataModule(pl.LightningDataModule):
         skip_bad: bool = False,
         val: bool = True,
         seed: int = 0,
+        crop_pct: float = DEFAULT_CROP_PCT,
+        decode: str = "loader",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -64,13 +85,20 @@ class SelfSupDataModule(pl.LightningDataModule):
         self.skip_bad = skip_bad
         self.val = val
         self.seed = seed
+        if not 0.0 < crop_pct <= 1.0:
+            raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+        self.crop_pct = crop_pct
+        if decode not in DECODE_MODES:
+            raise ConfigError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        self.decode = decode
         self._image_size = image_size
         self._train: ArrayDataset | FolderStream | None = None
         self._val: ArrayDataset | FolderStream | None = None
 
     def _load(self, split: str, image_size: int | None) -> ArrayDataset | FolderStream:
         return load_dataset(
-            self.data, split, image_size=image_size, cache_dir=self.cache_dir, skip_bad=self.skip_bad
+            self.data, split, image_size=image_size, cache_dir=self.cache_dir, skip_bad=self.skip_bad,
+            crop_pct=self.crop_pct,
         )
 
     def _has_val(self) -> bool:
@@ -129,12 +157,18 @@ class SelfSupDataModule(pl.LightningDataModule):
         dataset = self.train_set if split == "train" else self.val_set
         if dataset is None:
             raise DataError(f"{self.data} has no val split: add root/val/<class>/<image> (or root/test/...)")
+        trainer = self._trainer_or_none()
         if isinstance(dataset, ArrayDataset):
             workers = 0 if self.num_workers is None else self.num_workers
             collate = batch_collate
         else:
-            workers = min(8, os.cpu_count() or 1) if self.num_workers is None else self.num_workers
+            local = getattr(trainer, "num_devices", None) or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+            workers = default_workers(local) if self.num_workers is None else self.num_workers
             collate = None
+        if shuffle:
+            dataset = self._training_views(dataset, trainer)
+        if isinstance(dataset, FolderStream) and self.decode == "device":
+            dataset, collate = dataset.encoded(), bytes_collate
         common = {
             "batch_size": self.batch_size, "drop_last": drop_last, "num_workers": workers, "collate_fn": collate,
             "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available(),
@@ -142,11 +176,26 @@ class SelfSupDataModule(pl.LightningDataModule):
         }
         if not shuffle:
             return DataLoader(dataset, shuffle=False, **common)
-        trainer = self._trainer_or_none()
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         progress = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed) if trainer else None
         return ResumableLoader(dataset, sampler=sampler, progress=progress, **common)
+
+    def _training_views(self, dataset, trainer):
+        """A streamed folder's training views: the attached method's random-resized crops, in the loader."""
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if not isinstance(dataset, FolderStream) or not hasattr(module, "train_crop"):
+            return dataset
+        module.crops_in_loader = True  # the method must not crop these views again
+        return dataset.training_views(module.train_crop(dataset.image_size), self.seed)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """``--decode device``: decode, crop and resize a bytes batch on the training device."""
+        if isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[0], EncodedBatch):
+            trainer = self._trainer_or_none()
+            device = trainer.strategy.root_device if trainer is not None else "cpu"
+            return decode_batch(*batch, device=device)
+        return batch
 
     def _trainer_or_none(self):
         try:

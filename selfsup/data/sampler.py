@@ -16,6 +16,20 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 
+class SampleIndex(int):
+    """A dataset index that also says which epoch drew it (datasets that crop in the loader seed by it)."""
+
+    epoch: int = 0
+
+    def __new__(cls, index: int, epoch: int) -> SampleIndex:
+        obj = super().__new__(cls, index)
+        obj.epoch = int(epoch)
+        return obj
+
+    def __reduce__(self):  # to DataLoader workers and back, with the epoch
+        return SampleIndex, (int(self), self.epoch)
+
+
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` (seed + epoch permutation, rank split) that can start ``skip`` samples in.
 
@@ -40,7 +54,7 @@ class ResumableSampler(DistributedSampler):
         if self._skip_epoch == self.epoch and self._skip:
             indices = indices[self._skip :]
         self._skip_epoch, self._skip = None, 0
-        return iter(indices)
+        return iter([SampleIndex(i, self.epoch) for i in indices])
 
 
 class ResumableLoader(DataLoader):

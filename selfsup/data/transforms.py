@@ -30,7 +30,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 def make_augment(
     image_size: int,
-    crop_scale: tuple[float, float] = (0.5, 1.0),
+    crop_scale: tuple[float, float] | None = (0.5, 1.0),
     flip: bool = True,
     color_jitter: float = 0.0,
     grayscale_p: float = 0.0,
@@ -45,7 +45,8 @@ def make_augment(
 
     Args:
         image_size: side of the square output.
-        crop_scale: range of the crop's area as a fraction of the image's.
+        crop_scale: range of the crop's area as a fraction of the image's; None: no crop (the loader
+            made it, see :mod:`selfsup.data.geometry`).
         flip: random horizontal flip with probability 0.5.
         color_jitter: strength ``s`` of the colour jitter; 0 disables it.
         grayscale_p: probability of converting a sample to grayscale.
@@ -59,14 +60,15 @@ def make_augment(
     """
     if image_size < 1:
         raise ConfigError(f"image_size must be positive, got {image_size!r}")
-    lo, hi = crop_scale
-    if not 0.0 < lo <= hi <= 1.0:
+    if crop_scale is not None and not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
         raise ConfigError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale!r}")
     if color_jitter < 0:
         raise ConfigError(f"color_jitter must be >= 0, got {color_jitter!r}")
     if not 0.0 <= grayscale_p <= 1.0:
         raise ConfigError(f"grayscale_p must be in [0, 1], got {grayscale_p!r}")
-    ops: list[nn.Module] = [K.RandomResizedCrop((image_size, image_size), scale=(lo, hi))]
+    ops: list[nn.Module] = []
+    if crop_scale is not None:
+        ops.append(K.RandomResizedCrop((image_size, image_size), scale=tuple(crop_scale)))
     if flip:
         ops.append(K.RandomHorizontalFlip())
     if color_jitter > 0:

@@ -208,7 +208,7 @@ def _cache_key(encoder: nn.Module, dataset, split: str, dtype: str) -> tuple[str
         # the data's content (files' paths, sizes, mtimes), so replaced images are a cache miss
         "data_fingerprint": str(getattr(dataset, "fingerprint", "")),
         "image_size": str(getattr(dataset, "image_size", "")),
-        "transform": TRANSFORM_ID,
+        "transform": getattr(dataset, "transform", TRANSFORM_ID),  # streamed folders say their crop_pct
         "dtype": dtype,
     }
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
@@ -260,7 +260,8 @@ def extract_features(
     if isinstance(data, (str, Path)):
         if image_size is None and str(data) == trained_on.get("data"):
             image_size = trained_on.get("image_size")  # the run's size: the features `selfsup probe` cached
-        dataset = load_dataset(str(data), split=split, image_size=image_size)
+        crop_pct = trained_on.get("crop_pct") if str(data) == trained_on.get("data") else None
+        dataset = load_dataset(str(data), split=split, image_size=image_size, crop_pct=crop_pct)
     else:
         dataset = data
     cache_dir = Path(cache_dir) if cache_dir is not None else _cache_of(encoder)

@@ -276,17 +276,21 @@ def prepare(
     progress: bool = True,
     trainer_kwargs: dict | None = None,
     skip_bad: bool | None = None,
+    crop_pct: float | None = None,
 ) -> EvalData:
     """Load the dataset's train and test splits and extract (or read cached) features of the encoder and baselines.
 
     ``skip_bad`` skips (and counts, with one warning) corrupt or non-image files instead of stopping;
-    None: as the run was pretrained (``--skip-bad-images``), else off.
+    None: as the run was pretrained (``--skip-bad-images``), else off. ``crop_pct``: the centre crop of
+    large (streamed) images; None: the run's (its export's ``data.crop_pct``), else 0.875.
     """
     spec = data or src.data or "digits"
     size = image_size or (src.image_size if same_data(spec, src.data) else None)
     skip = src.skip_bad if skip_bad is None else skip_bad
-    train = load_dataset(spec, "train", image_size=size, skip_bad=skip)
-    test = load_dataset(spec, "val", image_size=train.image_size, skip_bad=skip)
+    if crop_pct is None:
+        crop_pct = ((src.meta or {}).get("data") or {}).get("crop_pct")
+    train = load_dataset(spec, "train", image_size=size, skip_bad=skip, crop_pct=crop_pct)
+    test = load_dataset(spec, "val", image_size=train.image_size, skip_bad=skip, crop_pct=crop_pct)
     encoders = {src.name: src.encoder}
     if baselines:
         if not src.name.startswith("random"):

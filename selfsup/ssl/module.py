@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from selfsup.checkpoint import atomic_save, atomic_write_text, safe_torch_load
+from selfsup.data.geometry import TrainCrop
 from selfsup.data.transforms import make_augment, to_float
 from selfsup.errors import CheckpointError, ConfigError
 from selfsup.ssl.backbone import Backbone
@@ -183,7 +184,9 @@ class SSLModule(pl.LightningModule):
         self.backbone = Backbone(backbone, in_chans=in_chans, norm=norm)
         # The input adapter: every encoder takes RGB in [0, 1]; 1-channel backbones see CIE lightness.
         self.normalize = Normalize() if in_chans == 3 else Lightness()
-        self._augmenters: dict[int, nn.Module] = {}  # by image size; parameter-free, so not submodules
+        self._augmenters: dict[tuple[int, bool], nn.Module] = {}  # parameter-free, so not submodules
+        self.crops_in_loader = False
+        """True when the data loader already made random-resized crops (streamed folders): augment only flips."""
 
     # -- the one hook a method implements -------------------------------------------------------
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -201,14 +204,19 @@ class SSLModule(pl.LightningModule):
         Runs batched on the images' device (the GPU when there is one), never in data workers.
         """
         x = to_float(x)
-        if self.training and (self.hparams.crop_scale < 1 or self.hparams.flip):
-            size = x.shape[-1]
-            if size not in self._augmenters:
-                self._augmenters[size] = make_augment(
-                    size, crop_scale=(self.hparams.crop_scale, 1.0), flip=self.hparams.flip
+        crop = self.hparams.crop_scale < 1 and not self.crops_in_loader
+        if self.training and (crop or self.hparams.flip):
+            key = (x.shape[-1], crop)
+            if key not in self._augmenters:
+                self._augmenters[key] = make_augment(
+                    x.shape[-1], crop_scale=(self.hparams.crop_scale, 1.0) if crop else None, flip=self.hparams.flip
                 )
-            x = self._augmenters[size](x)
+            x = self._augmenters[key](x)
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
+
+    def train_crop(self, size: int) -> TrainCrop:
+        """The random-resized crop a data loader makes of whole images for this method (``crop_scale``)."""
+        return TrainCrop.for_method(size, self.hparams.crop_scale)
 
     # -- shared Lightning plumbing ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
