@@ -231,7 +231,15 @@ def build_eval_parsers(sub) -> None:
     common.add_argument("--data", help="dataset spec (default: the run's training data)")
     common.add_argument("--image-size", type=_positive, help="resize images to this size (default: the run's)")
     common.add_argument("--batch-size", type=_positive, default=256, help="extraction batch size (default: 256)")
-    common.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="feature storage dtype")
+    common.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                        help="feature storage dtype (default: float32; float16 with --layers, whose ~9,000-dim "
+                        "layers are large)")
+    common.add_argument("--layers", default=None, metavar="LAYERS",
+                        help="layer-wise evaluation (Goyal et al. 2019): 'all', 'last', stage indices counted from 0 "
+                        "(e.g. 2,3,4) or names (layer3,out); sweep also takes 'best', the layer whose full-label "
+                        "probe scores best on held-out training labels. Every stage is read in one pass, "
+                        "average-pooled to ~9,000 dims and cached per layer; the random-init floor is read at the "
+                        "same layers (default: the encoder's output only, 'out')")
     common.add_argument("--skip-bad-images", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,
                         help="skip (and count) corrupt or non-image files instead of stopping (default: as the run "
                         "was pretrained; off for an export directory or --random-init)")
@@ -462,16 +470,29 @@ def _run_eval(args: argparse.Namespace) -> None:
     src = harness.resolve_source(args.source, args.random_init, args.output)
     trainer_kwargs = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes,
                       "strategy": args.strategy}
-    ev = harness.prepare(src, args.data, args.image_size, baselines=args.baselines, dtype=args.dtype,
-                         batch_size=args.batch_size, trainer_kwargs=trainer_kwargs, skip_bad=args.skip_bad)
+    layers = args.layers
+    best = layers is not None and layers.strip() == "best"
+    if best and args.command != "sweep":
+        raise ConfigError(f"--layers best is chosen by a probe for the sweep; `selfsup {args.command}` takes all, last, "
+                          "stage indices or names (use --layers all to see every layer and the best marked)")
+    dtype = args.dtype or ("float16" if layers is not None else "float32")
+    ev = harness.prepare(src, args.data, args.image_size, baselines=args.baselines, dtype=dtype,
+                         batch_size=args.batch_size, trainer_kwargs=trainer_kwargs, skip_bad=args.skip_bad,
+                         layers="all" if best else layers)
     from selfsup.train import is_launcher_rank_zero
 
     if args.command == "sweep":
         shard = None if fabric is None else (fabric.global_rank, fabric.world_size)
+        best_layers = None
+        if best:  # the full-label probe of every layer, on held-out training labels (never the test split)
+            best_layers = harness.keep_best_layers(ev, harness.evaluate(ev, "probe", device=device))
+            for name, chosen in best_layers.items():
+                print(f"{name}: layer {chosen['layer']} (held-out training top-1 {chosen['val_top1']:.1f}%)")
         paths = harness.sweep(ev, src, ks=args.ks, percents=args.percents, seeds=list(range(args.seeds)),
                               methods=args.methods.split(","), finetune=args.finetune, supervised=args.supervised,
                               finetune_steps=args.finetune_steps, subset_files=args.subset_files, device=device,
-                              shard=shard, gather=None if fabric is None else _gather_dicts, started=started)
+                              shard=shard, gather=None if fabric is None else _gather_dicts, started=started,
+                              best_layers=best_layers, name=harness.result_name("sweep", layers=layers)[:-5])
         if paths is not None:
             import json
 
@@ -484,8 +505,10 @@ def _run_eval(args: argparse.Namespace) -> None:
     if fabric is None and not is_launcher_rank_zero():  # extraction was distributed; kNN runs once, on rank 0
         return
     if args.command == "features":
-        for name, (train, test) in ev.features.items():
-            print(f"{name}: train {tuple(train.x.shape)} -> {train.path}; test {tuple(test.x.shape)} -> {test.path}")
+        for name, per_layer in ev.targets().items():
+            for layer, (train, test) in per_layer.items():
+                what = name if ev.layers is None else f"{name} [{layer}]"
+                print(f"{what}: train {tuple(train.x.shape)} -> {train.path}; test {tuple(test.x.shape)} -> {test.path}")
     else:
         from selfsup.eval.shard import Shard
 
@@ -498,7 +521,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         world = 1 if fabric is None else fabric.world_size
         extra = {**kw, "provenance": harness.provenance(ev, src, started, device, world, settings)}
         path = harness.report(ev, args.command, rows, harness.results_dir_for(src, ev), extra=extra,
-                              name=harness.result_name(args.command, **kw))
+                              name=harness.result_name(args.command, **kw, layers=layers))
         print(f"results: {path}")
 
 
