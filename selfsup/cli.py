@@ -309,6 +309,9 @@ def build_view_parsers(sub) -> None:
     p.add_argument("--data", help="dataset spec to evaluate on (default: each run's training data)")
     p.add_argument("--no-pictures", dest="pictures", action="store_false",
                    help="tables and curves only: no retrieval grid or embedding map")
+    p.add_argument("--layers", default=None, metavar="LAYERS",
+                   help="also probe these layers of each run and its random-init floor (all, stage indices or "
+                   "names, as for probe) and draw accuracy per layer")
     p = sub.add_parser("plot", help="write one picture of a run as a PNG",
                        description="retrieval: test images and their nearest training images in feature space, "
                        "wrong-class neighbours framed red; embedding: a 2-D map of test features coloured by class "
@@ -360,7 +363,7 @@ def _run_view(args: argparse.Namespace) -> None:
         from selfsup.eval.page import write_report
 
         out = output_file(args.output, Path("report.html"), "report.html")
-        path = write_report(args.runs, out, data=args.data, pictures=args.pictures, progress=True)
+        path = write_report(args.runs, out, data=args.data, pictures=args.pictures, progress=True, layers=args.layers)
         print(f"report: {path} (open it in a browser; it needs no network)")
         return
     from selfsup.eval import harness, viz
@@ -485,7 +488,11 @@ def _run_eval(args: argparse.Namespace) -> None:
         shard = None if fabric is None else (fabric.global_rank, fabric.world_size)
         best_layers = None
         if best:  # the full-label probe of every layer, on held-out training labels (never the test split)
-            best_layers = harness.keep_best_layers(ev, harness.evaluate(ev, "probe", device=device))
+            saved = harness.results_dir_for(src, ev) / harness.result_name("probe", layers="all")
+            rows = harness.saved_results(saved, ev, "probe", {"linear_probe": harness.probe_settings()})
+            if rows is not None:
+                print(f"best layers from {saved} (its provenance matches: same data, settings and features)")
+            best_layers = harness.keep_best_layers(ev, rows or harness.evaluate(ev, "probe", device=device))
             for name, chosen in best_layers.items():
                 print(f"{name}: layer {chosen['layer']} (held-out training top-1 {chosen['val_top1']:.1f}%)")
         paths = harness.sweep(ev, src, ks=args.ks, percents=args.percents, seeds=list(range(args.seeds)),

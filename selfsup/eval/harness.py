@@ -473,6 +473,35 @@ def probe_settings() -> dict[str, Any]:
             "solver": "lbfgs (strong Wolfe), warm-started from the strongest penalty"}
 
 
+def saved_results(path: Path, ev: EvalData, kind: str, settings: dict) -> dict[str, dict] | None:
+    """The rows of a result JSON (``probe.json``, ``knn_k20.json``, ``probe_layers.json``) when its provenance
+    matches what would be computed now, else None: the same data (fingerprint), the same settings, the same
+    encoders and layers, and every one's feature cache file the same (its name hashes the encoder's weights,
+    the data, image size, transform, dtype and pooling), so the fits would repeat exactly."""
+    import json
+
+    try:
+        saved = json.loads(path.read_text())
+        prov = saved["provenance"]
+        rows = saved["results"]
+        if saved.get("kind") != kind or prov.get("settings") != json.loads(json.dumps(settings)):
+            return None
+        if prov["data"]["fingerprint"] != data_fingerprint(ev.train, ev.keys):
+            return None
+        targets = ev.targets()
+        if set(rows) != set(targets):
+            return None
+        for name, per_layer in targets.items():
+            found = (rows[name].get("layers") or {}) if ev.layers is not None else {"out": rows[name]}
+            if list(found) != list(per_layer):
+                return None
+            if any(found[layer].get("feature_cache") != pair[0].path.name for layer, pair in per_layer.items()):
+                return None
+        return rows
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def result_name(kind: str, k: int = 20, temperature: float | None = None, layers: str | None = None) -> str:
     """The JSON file of a result: ``probe.json``, or ``knn_k20.json`` / ``knn_k200_t0.07.json`` (a kNN
     with other settings never overwrites another's); a layer-wise one ends ``_layers`` (``probe_layers.json``),
