@@ -345,7 +345,8 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, dict]:
     """Linear probe (``kind="probe"``) or kNN (``kind="knn"``) of every encoder on all training labels;
-    ``progress`` shows each probe's L2-strength search.
+    ``progress`` shows each probe's L2-strength search. With 5 classes or fewer ``top5`` is None (it
+    would be 100 by construction).
 
     With a ``shard`` (every rank of a distributed job calls this) each probe is data-parallel: see
     :func:`~selfsup.eval.linear.linear_probe`; every rank returns the same rows. kNN ignores it.
@@ -369,6 +370,8 @@ def evaluate(
                                                   "device", "seconds")}
                 if ev.layers is not None and len(per_layer) > 1:
                     row["val_top1"] = knn_holdout_top1(pair, k, temperature, device)
+            if len(ev.train.classes) <= 5:  # top-5 of 5 classes or fewer is 100 by construction: left out
+                row["top5"] = None
             layer_rows[layer] = {**row, "features": int(pair[0].x.shape[1]), **feature_provenance(pair)}
         if ev.layers is None:
             rows[name] = layer_rows["out"]

@@ -211,21 +211,23 @@ def label_efficiency_figure(runs: list[RunSummary]):
 
 
 def cell(row: dict | None, key: str) -> str:
-    return "-" if row is None else f"{row[key]:.1f}"
+    return "-" if row is None or row.get(key) is None else f"{row[key]:.1f}"
 
 
 def _table(run: RunSummary) -> str:
     method_rows = {k: v for k, v in run.rows.items() if not is_baseline(k)}
     floor = next((v for k, v in run.rows.items() if k.startswith("random")), None)
-    out = ["<table><tr><th>encoder</th><th>linear top-1 %</th><th>linear top-5 %</th><th>kNN (k=20) top-1 %</th>"
-           "<th>features</th></tr>"]
+    top5 = any(r.get("linear5") is not None for r in run.rows.values())  # None: 5 classes or fewer
+    out = ["<table><tr><th>encoder</th><th>linear top-1 %</th>" + ("<th>linear top-5 %</th>" if top5 else "")
+           + "<th>kNN (k=20) top-1 %</th><th>features</th></tr>"]
     for name, r in run.rows.items():
         cls = ' class="floor"' if is_baseline(name) else ""
         mark = ""
         if name in method_rows and floor is not None:
             diff = r["linear"] - floor["linear"]
             mark = f' <span class="{"good" if diff > 0 else "bad"}">({diff:+.1f} vs floor)</span>'
-        out.append(f"<tr{cls}><td>{html.escape(name)}</td><td>{r['linear']:.1f}{mark}</td><td>{r['linear5']:.1f}</td>"
+        five = f"<td>{cell(r, 'linear5')}</td>" if top5 else ""
+        out.append(f"<tr{cls}><td>{html.escape(name)}</td><td>{r['linear']:.1f}{mark}</td>{five}"
                    f"<td>{r['knn']:.1f}</td><td>{r['dim']}</td></tr>")
     out.append("</table>")
     return "\n".join(out)
