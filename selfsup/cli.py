@@ -252,7 +252,15 @@ def build_eval_parsers(sub) -> None:
                         help="large images: shorter side resized to image-size / crop-pct, then the centre crop "
                         "(default: the run's, else 0.875: 256 then 224)")
     common.add_argument("--batch-size", type=_positive, default=256, help="extraction batch size (default: 256)")
-    common.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="feature storage dtype")
+    common.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                        help="feature storage dtype (default: float32; float16 with --layers, whose ~9,000-dim "
+                        "layers are large)")
+    common.add_argument("--layers", default=None, metavar="LAYERS",
+                        help="layer-wise evaluation (Goyal et al. 2019): 'all', 'last', stage indices counted from 0 "
+                        "(e.g. 2,3,4) or names (layer3,out); sweep also takes 'best', the layer whose full-label "
+                        "probe scores best on held-out training labels. Every stage is read in one pass, "
+                        "average-pooled to ~9,000 dims and cached per layer; the random-init floor is read at the "
+                        "same layers (default: the encoder's output only, 'out')")
     common.add_argument("--skip-bad-images", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,
                         help="skip (and count) corrupt or non-image files instead of stopping (default: as the run "
                         "was pretrained; off for an export directory or --random-init)")
@@ -322,6 +330,9 @@ def build_view_parsers(sub) -> None:
     p.add_argument("--data", help="dataset spec to evaluate on (default: each run's training data)")
     p.add_argument("--no-pictures", dest="pictures", action="store_false",
                    help="tables and curves only: no retrieval grid or embedding map")
+    p.add_argument("--layers", default=None, metavar="LAYERS",
+                   help="also probe these layers of each run and its random-init floor (all, stage indices or "
+                   "names, as for probe) and draw accuracy per layer")
     p = sub.add_parser("plot", help="write one picture of a run as a PNG",
                        description="retrieval: test images and their nearest training images in feature space, "
                        "wrong-class neighbours framed red; embedding: a 2-D map of test features coloured by class "
@@ -373,7 +384,7 @@ def _run_view(args: argparse.Namespace) -> None:
         from selfsup.eval.page import write_report
 
         out = output_file(args.output, Path("report.html"), "report.html")
-        path = write_report(args.runs, out, data=args.data, pictures=args.pictures, progress=True)
+        path = write_report(args.runs, out, data=args.data, pictures=args.pictures, progress=True, layers=args.layers)
         print(f"report: {path} (open it in a browser; it needs no network)")
         return
     from selfsup.eval import harness, viz
@@ -483,17 +494,33 @@ def _run_eval(args: argparse.Namespace) -> None:
     src = harness.resolve_source(args.source, args.random_init, args.output)
     trainer_kwargs = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes,
                       "strategy": args.strategy}
-    ev = harness.prepare(src, args.data, args.image_size, baselines=args.baselines, dtype=args.dtype,
+    layers = args.layers
+    best = layers is not None and layers.strip() == "best"
+    if best and args.command != "sweep":
+        raise ConfigError(f"--layers best is chosen by a probe for the sweep; `selfsup {args.command}` takes all, last, "
+                          "stage indices or names (use --layers all to see every layer and the best marked)")
+    dtype = args.dtype or ("float16" if layers is not None else "float32")
+    ev = harness.prepare(src, args.data, args.image_size, baselines=args.baselines, dtype=dtype,
                          batch_size=args.batch_size, trainer_kwargs=trainer_kwargs, skip_bad=args.skip_bad,
-                         crop_pct=args.crop_pct)
+                         layers="all" if best else layers, crop_pct=args.crop_pct)
     from selfsup.train import is_launcher_rank_zero
 
     if args.command == "sweep":
         shard = None if fabric is None else (fabric.global_rank, fabric.world_size)
+        best_layers = None
+        if best:  # the full-label probe of every layer, on held-out training labels (never the test split)
+            saved = harness.results_dir_for(src, ev) / harness.result_name("probe", layers="all")
+            rows = harness.saved_results(saved, ev, "probe", {"linear_probe": harness.probe_settings()})
+            if rows is not None:
+                print(f"best layers from {saved} (its provenance matches: same data, settings and features)")
+            best_layers = harness.keep_best_layers(ev, rows or harness.evaluate(ev, "probe", device=device))
+            for name, chosen in best_layers.items():
+                print(f"{name}: layer {chosen['layer']} (held-out training top-1 {chosen['val_top1']:.1f}%)")
         paths = harness.sweep(ev, src, ks=args.ks, percents=args.percents, seeds=list(range(args.seeds)),
                               methods=args.methods.split(","), finetune=args.finetune, supervised=args.supervised,
                               finetune_steps=args.finetune_steps, subset_files=args.subset_files, device=device,
-                              shard=shard, gather=None if fabric is None else _gather_dicts, started=started)
+                              shard=shard, gather=None if fabric is None else _gather_dicts, started=started,
+                              best_layers=best_layers, name=harness.result_name("sweep", layers=layers)[:-5])
         if paths is not None:
             import json
 
@@ -506,8 +533,10 @@ def _run_eval(args: argparse.Namespace) -> None:
     if fabric is None and not is_launcher_rank_zero():  # extraction was distributed; kNN runs once, on rank 0
         return
     if args.command == "features":
-        for name, (train, test) in ev.features.items():
-            print(f"{name}: train {tuple(train.x.shape)} -> {train.path}; test {tuple(test.x.shape)} -> {test.path}")
+        for name, per_layer in ev.targets().items():
+            for layer, (train, test) in per_layer.items():
+                what = name if ev.layers is None else f"{name} [{layer}]"
+                print(f"{what}: train {tuple(train.x.shape)} -> {train.path}; test {tuple(test.x.shape)} -> {test.path}")
     else:
         from selfsup.eval.shard import Shard
 
@@ -520,7 +549,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         world = 1 if fabric is None else fabric.world_size
         extra = {**kw, "provenance": harness.provenance(ev, src, started, device, world, settings)}
         path = harness.report(ev, args.command, rows, harness.results_dir_for(src, ev), extra=extra,
-                              name=harness.result_name(args.command, **kw))
+                              name=harness.result_name(args.command, **kw, layers=layers))
         print(f"results: {path}")
 
 

@@ -38,7 +38,7 @@ def probe_frozen(encoder: nn.Module, dm: SelfSupDataModule, epochs: int, seed: i
 
 DIGITS_CAVEAT = (
     "How to read it: the digits are 8x8 images that raw pixels already classify at about 97%, so this shows "
-    "the pipeline working end to end, not what self-supervision buys on real images (see the README's Benchmarks)."
+    "the pipeline working end to end, not what self-supervision buys on real images (see the README's Results)."
 )
 
 

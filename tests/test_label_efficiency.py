@@ -224,3 +224,31 @@ def test_classes_with_fewer_than_k_images_are_recorded():
                                          "uses all of them: cat (6)")
     full = label_efficiency_sweep({"enc": (tx, ty, vx, vy)}, ks=(5,), seeds=(0,), methods=("knn",), progress=False)
     assert full["classes_under_k"] == {} and classes_under_k_note(full) is None
+
+
+def test_all_budget_is_the_probe_fit_for_every_seed():
+    """'all' is `selfsup probe`'s fit: one hold-out split (the probe's), so every seed gives the probe's result."""
+    from selfsup.eval.linear import linear_probe
+
+    tx, ty, vx, vy = blob_features(3, noise=2.5)
+    calls = []
+    import selfsup.eval.label_efficiency as le
+
+    real = le.linear_probe
+
+    def counting(*a, **kw):
+        calls.append(kw.get("train_rows") is None)
+        return real(*a, **kw)
+
+    le.linear_probe = counting
+    try:
+        res = label_efficiency_sweep({"learned": (tx, ty, vx, vy)}, ks=[None], seeds=[0, 1, 2], methods=["linear"],
+                                     progress=False)
+    finally:
+        le.linear_probe = real
+    assert calls == [True]  # one fit for three seeds
+    entry = res["results"]["learned"]["linear"][-1]
+    probe = linear_probe(tx, ty, vx, vy)
+    assert [r["top1"] for r in entry["runs"]] == [probe["top1"]] * 3
+    assert [r["weight_decay"] for r in entry["runs"]] == [probe["weight_decay"]] * 3
+    assert entry["top1_std"] == 0.0

@@ -39,7 +39,7 @@ def test_in_a_notebook_without_ipywidgets_bars_print_plainly_and_never_warn(monk
 def test_training_bar_names_the_last_epoch_only_when_there_is_one(max_epochs, expected):
     from types import SimpleNamespace
 
-    bar = progress.lightning_bar()
+    bar = progress.lightning_bar(plain=False)
     bar._trainer = SimpleNamespace(max_epochs=max_epochs)  # what the bar reads of its trainer
     assert bar._get_train_description(3).strip() == expected
 
@@ -102,3 +102,46 @@ def test_off_a_terminal_a_transient_bar_prints_nothing_not_an_empty_line(capsys)
         bar.advance(task, 2)
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith("extract") and "2/2" in out
+
+
+def test_off_a_terminal_a_bar_prints_a_line_every_10_percent_with_rate_and_time_left():
+    import io
+
+    clock = [0.0]
+    out = io.StringIO()
+    console = rich.console.Console(file=out, width=200)  # a file: not a terminal
+    with progress.LoggedProgress(*progress.COLUMNS, console=console, get_time=lambda: clock[0]) as bar:
+        task = bar.add_task("probe L2 search", total=50)
+        for _ in range(50):
+            clock[0] += 2.0
+            bar.advance(task)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("probe L2 search:")]
+    assert len(lines) == 9  # 10%, 20%, ..., 90%; then rich's final line
+    assert lines[0] == "probe L2 search: 5/50 (10%), 0.5/s, 0:00:10 elapsed, 0:01:30 left"
+    # slow and without a total: a line a minute
+    out.truncate(0)
+    with progress.LoggedProgress(console=console, get_time=lambda: clock[0]) as bar:
+        task = bar.add_task("steps", total=None)
+        for _ in range(5):
+            clock[0] += 30.0
+            bar.advance(task)
+    assert sum("steps: " in ln for ln in out.getvalue().splitlines()) == 2
+
+
+def test_off_a_terminal_training_prints_lines_with_its_metrics():
+    import io
+    from types import SimpleNamespace
+
+    out = io.StringIO()
+    bar = progress.lightning_bar(plain=True)
+    assert isinstance(bar, progress.LineProgressBar)
+    bar.console = rich.console.Console(file=out, width=200)
+    bar.get_metrics = lambda trainer, module: {"loss": 1.25, "v_num": 0}
+    trainer = SimpleNamespace(estimated_stepping_batches=20, max_epochs=2, current_epoch=0, is_global_zero=True,
+                              global_step=0)
+    bar.on_train_start(trainer, None)
+    for step in range(1, 21):
+        trainer.global_step = step
+        bar.on_train_batch_end(trainer, None, None, None, step)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 9 and lines[0].startswith("Epoch 0/1 steps: 2/20 (10%)") and lines[0].endswith("loss 1.25")

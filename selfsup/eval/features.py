@@ -232,7 +232,8 @@ def extract_features(
     refresh: bool = False,
     progress: bool = True,
     name: str | None = None,
-) -> Features:
+    layers: str | list[str] | None = None,
+) -> Features | dict[str, Features]:
     """Features of every image of ``data``'s ``split``, in dataset order, from the cache when present.
 
     Args:
@@ -250,9 +251,18 @@ def extract_features(
         refresh: re-extract even when the cache holds these features.
         progress: show a bar labelled with the encoder, the split and the number of images.
         name: what the bar calls the encoder (default: :func:`encoder_name`).
+        layers: layer-wise features (:mod:`selfsup.eval.layers`): ``"all"``, ``"last"``, or names / 0-based
+            stage indices (``"2,3,4"``, ``["layer3", "out"]``). Every selected stage is read in one forward
+            pass, average-pooled to about 9,000 dimensions (Goyal et al. 2019) and cached in a file of its
+            own (the pooling is in its metadata); a layer already cached is not extracted again.
 
     Returns:
-        :class:`Features` with memory-mapped ``x`` (N, D) and ``y`` (N,).
+        :class:`Features` with memory-mapped ``x`` (N, D) and ``y`` (N,); with ``layers``, a dict of them
+        by layer name, in stage order.
+
+    >>> enc = selfsup.load_encoder("runs/my-run")  # doctest: +SKIP
+    >>> feats = selfsup.extract_features(enc, enc.config["data"]["data"], layers="all")  # doctest: +SKIP
+    >>> {name: f.x.shape for name, f in feats.items()}  # doctest: +SKIP
     """
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -264,8 +274,14 @@ def extract_features(
         dataset = load_dataset(str(data), split=split, image_size=image_size, crop_pct=crop_pct)
     else:
         dataset = data
+    warn_if_other_images(encoder, dataset)
     cache_dir = Path(cache_dir) if cache_dir is not None else _cache_of(encoder)
     clean_stale_temp_files(cache_dir)  # what a killed extraction left behind
+    run = dict(split=split, batch_size=batch_size, dtype=dtype, cache_dir=cache_dir, num_workers=num_workers,
+               progress=progress, label=name or encoder_name(encoder),
+               trainer_kw=dict(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy))
+    if layers is not None:
+        return _extract_layers(encoder, dataset, layers, refresh, **run)
     key, meta = _cache_key(encoder, dataset, split, dtype)
     path = cache_dir / f"{key}.safetensors"
     if path.is_file() and not refresh:
@@ -274,28 +290,67 @@ def extract_features(
             return _load(path)
         print(f"selfsup: note: feature cache {path} is damaged ({damage}); extracting again", file=sys.stderr)
         path.unlink(missing_ok=True)
+    dim = encoder_dim(encoder)
+    _extract(encoder, dataset, key, lambda: _CacheWriter(path, len(dataset), dim, dtype, meta), **run)
+    return _load(path)
 
+
+def _extract_layers(encoder: nn.Module, dataset, layers, refresh: bool, **run) -> dict[str, Features]:
+    """:func:`extract_features` of several layers: one pass for the layers not cached yet, one file per layer."""
+    from selfsup.eval.layers import LAST, POOLING_ID, LayerEncoder, LayerPlan, plan_layers
+
+    image = dataset[0][0]  # (C, H, W) uint8 or float: the data's own size
+    plan = plan_layers(encoder, tuple(image.shape), layers)
+    split, dtype, cache_dir = run["split"], run["dtype"], run["cache_dir"]
+    files: dict[str, tuple[Path, dict]] = {}
+    for layer in plan.names:
+        key, meta = _cache_key(encoder, dataset, split, dtype)
+        if layer != LAST:  # the encoder's own output is the plain cache file, shared with `selfsup probe`
+            extra = {"layer": layer, "pooling": plan.pooling(layer), "pooling_id": POOLING_ID}
+            key = hashlib.sha256(json.dumps({**meta, **extra}, sort_keys=True).encode()).hexdigest()[:24]
+            meta = {**meta, **extra}
+        files[layer] = (cache_dir / f"{key}.safetensors", meta)
+    todo = [n for n in plan.names if refresh or not files[n][0].is_file()]
+    if todo:
+        sub = LayerPlan(todo, {n: plan.grids[n] for n in todo}, {n: plan.dims[n] for n in todo}, plan.available)
+        n = len(dataset)
+
+        def writer() -> _MultiWriter:
+            return _MultiWriter([_CacheWriter(files[t][0], n, sub.dims[t], dtype, files[t][1]) for t in todo])
+
+        key = hashlib.sha256("".join(str(files[t][0]) for t in todo).encode()).hexdigest()[:24]
+        shown = ", ".join(todo) if len(todo) <= 4 else f"{len(todo)} layers"
+        run["label"] = f"{run['label']} [{shown}]"
+        _extract(LayerEncoder(encoder, sub), dataset, key, writer, **run)
+    return {layer: _load(files[layer][0]) for layer in plan.names}
+
+
+def _extract(
+    encoder: nn.Module, dataset, key: str, make_writer, *, split: str, batch_size: int, dtype: str, cache_dir: Path,
+    num_workers: int | None, progress: bool, label: str, trainer_kw: dict,
+) -> None:
+    """Run ``encoder`` over ``dataset`` under ``Trainer.predict`` and stream the rows into ``make_writer()``."""
     module = _Extractor(encoder, _DTYPES[dtype])
-    bar = PredictionBar(f"extract {name or encoder_name(encoder)} {split} ({len(dataset):,} images)", len(dataset))
+    bar = PredictionBar(f"extract {label} {split} ({len(dataset):,} images)", len(dataset))
     loader = torch.utils.data.DataLoader(
         _Indexed(dataset), batch_size=batch_size, shuffle=False, collate_fn=batch_collate,
         num_workers=_workers(dataset, num_workers), pin_memory=torch.cuda.is_available(),
     )
     with quiet_lightning():
         trainer = pl.Trainer(
-            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, logger=False,
+            **trainer_kw, logger=False,
             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
             inference_mode=True, callbacks=[bar] if progress else [],
         )
         world = trainer.world_size
         if world == 1:
-            module.sink = _CacheWriter(path, len(dataset), encoder_dim(encoder), dtype, meta)
+            module.sink = make_writer()
         trainer.predict(module, dataloaders=loader, return_predictions=False)
 
     rank = trainer.global_rank
     if world == 1:
         module.sink.close()
-        return _load(path)
+        return
     # Several ranks: each saves its rows with their indices; rank 0 streams them into the cache.
     shard_dir = cache_dir / f"{key}.shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -304,7 +359,7 @@ def extract_features(
     trainer.strategy.barrier("features-shards")
     if rank == 0:
         shards = [shard_dir / f"rank{r}.pt" for r in range(world)]
-        writer = _CacheWriter(path, len(dataset), int(torch.load(shards[0])[0][1].shape[1]), dtype, meta)
+        writer = make_writer()
         for shard in shards:
             for chunk in torch.load(shard):
                 writer.write(*chunk)
@@ -312,7 +367,6 @@ def extract_features(
         writer.close()
         shard_dir.rmdir()
     trainer.strategy.barrier("features-written")
-    return _load(path)
 
 
 def encoder_name(encoder: nn.Module) -> str:
@@ -451,6 +505,44 @@ def check_cache_file(path: str | Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
         return f"unreadable: {err}"
     return None
+
+
+class _MultiWriter:
+    """Splits each row's columns over several :class:`_CacheWriter` (one file per layer, in order)."""
+
+    def __init__(self, writers: list[_CacheWriter]) -> None:
+        self.writers = writers
+        self.bounds = np.cumsum([0] + [w.features.shape[1] for w in writers]).tolist()
+
+    def write(self, idx: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        for w, lo, hi in zip(self.writers, self.bounds[:-1], self.bounds[1:], strict=True):
+            w.write(idx, feats[:, lo:hi], labels)
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+
+def warn_if_other_images(encoder: nn.Module, dataset) -> None:
+    """Warn once when an encoder trained on data of one image size or channel count is given another's."""
+    import warnings
+
+    trained = (getattr(encoder, "config", None) or {}).get("data") or {}
+    size, shape = trained.get("image_size"), None
+    try:
+        shape = tuple(dataset[0][0].shape)  # (C, H, W)
+    except Exception:  # noqa: BLE001 - a dataset without indexable images: nothing to compare
+        return
+    channels = trained.get("channels", 3) if trained else None  # selfsup encoders take RGB
+    problems = []
+    if size and len(shape) == 3 and int(size) != int(shape[-1]):
+        problems.append(f"{shape[-1]} px images, the encoder was trained on {size} px")
+    if channels and len(shape) == 3 and int(channels) != int(shape[0]):
+        problems.append(f"{shape[0]} channels, the encoder was trained on {channels}")
+    if problems:
+        data = trained.get("data") or "its training data"
+        warnings.warn(f"{getattr(dataset, 'name', 'the data')} has {' and '.join(problems)} ({data}); "
+                      "its features may be meaningless (pass the run's own data, or image_size=)", stacklevel=3)
 
 
 def _load(path: Path) -> Features:

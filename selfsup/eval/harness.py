@@ -258,6 +258,13 @@ class EvalData:
     features: dict[str, tuple[Features, Features]]
     keys: list[str] | None = None  # each training image's path relative to the data root (None: no files)
     skip_bad: bool = False  # corrupt or non-image files were skipped
+    layers: dict[str, dict[str, tuple[Features, Features]]] | None = None  # --layers: encoder -> layer -> pair
+
+    def targets(self) -> dict[str, dict[str, tuple[Features, Features]]]:
+        """encoder -> layer -> features: the layers read (``--layers``), else each encoder's ``"out"``."""
+        if self.layers is not None:
+            return self.layers
+        return {name: {"out": pair} for name, pair in self.features.items()}
 
     @property
     def dataset_key(self) -> str:
@@ -277,12 +284,15 @@ def prepare(
     trainer_kwargs: dict | None = None,
     skip_bad: bool | None = None,
     crop_pct: float | None = None,
+    layers: str | list[str] | None = None,
 ) -> EvalData:
     """Load the dataset's train and test splits and extract (or read cached) features of the encoder and baselines.
 
     ``skip_bad`` skips (and counts, with one warning) corrupt or non-image files instead of stopping;
     None: as the run was pretrained (``--skip-bad-images``), else off. ``crop_pct``: the centre crop of
     large (streamed) images; None: the run's (its export's ``data.crop_pct``), else 0.875.
+    ``layers`` (see :mod:`selfsup.eval.layers`) reads those layers of the encoder and of its random-init
+    twin (the floor at the same layers) in one pass each; raw pixels have one layer, ``"out"``.
     """
     spec = data or src.data or "digits"
     size = image_size or (src.image_size if same_data(spec, src.data) else None)
@@ -297,12 +307,19 @@ def prepare(
             encoders["random init (same architecture)"] = src.random_twin()
         encoders["pixels"] = PixelEncoder(train.image_size)
     cache = Path(cache_dir) if cache_dir else (src.cache_dir or src.results_dir.parent / "features")
-    feats = {}
+    feats, by_layer = {}, {}
     for name, enc in encoders.items():
         kw = dict(batch_size=batch_size, cache_dir=cache, dtype=dtype, progress=progress, **(trainer_kwargs or {}))
-        feats[name] = (extract_features(enc, train, "train", name=name, **kw),
-                       extract_features(enc, test, "val", name=name, **kw))
-    return EvalData(spec, train, test, feats, sample_keys(train), skip)
+        if layers is not None and not isinstance(enc, PixelEncoder):
+            tr = extract_features(enc, train, "train", name=name, layers=layers, **kw)
+            te = extract_features(enc, test, "val", name=name, layers=layers, **kw)
+            by_layer[name] = {layer: (tr[layer], te[layer]) for layer in tr}
+            feats[name] = by_layer[name].get("out") or next(iter(by_layer[name].values()))
+        else:
+            feats[name] = (extract_features(enc, train, "train", name=name, **kw),
+                           extract_features(enc, test, "val", name=name, **kw))
+            by_layer[name] = {"out": feats[name]}
+    return EvalData(spec, train, test, feats, sample_keys(train), skip, by_layer if layers is not None else None)
 
 
 def arrays(pair: tuple[Features, Features]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -313,14 +330,16 @@ def arrays(pair: tuple[Features, Features]) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def _table(title: str, rows: dict[str, dict], columns: dict[str, str]):
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=escape(title))
     table.add_column("encoder")
     for label in columns.values():
         table.add_column(label, justify="right")
     for name, row in rows.items():
-        table.add_row(name, *(f"{row[key]:.1f}" if isinstance(row[key], float) else str(row[key]) for key in columns))
+        table.add_row(escape(name), *("-" if row.get(key) is None else f"{row[key]:.1f}" if isinstance(row[key], float)
+                              else str(row[key]) for key in columns))
     return table
 
 
@@ -330,7 +349,8 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, dict]:
     """Linear probe (``kind="probe"``) or kNN (``kind="knn"``) of every encoder on all training labels;
-    ``progress`` shows each probe's L2-strength search.
+    ``progress`` shows each probe's L2-strength search. With 5 classes or fewer ``top5`` is None (it
+    would be 100 by construction).
 
     With a ``shard`` (every rank of a distributed job calls this) each probe is data-parallel: see
     :func:`~selfsup.eval.linear.linear_probe`; every rank returns the same rows. kNN ignores it.
@@ -339,25 +359,71 @@ def evaluate(
     from selfsup.eval.linear import linear_probe
 
     rows = {}
-    for name, pair in ev.features.items():
-        if kind == "probe":
-            res = linear_probe(*arrays(pair), device=device, shard=shard, progress=name if progress else False)
-            row = {key: res[key] for key in ("top1", "top5", "weight_decay", "C", "val_top1", "val_curve", "fit",
-                                              "settings", "n_train", "n_val", "n_test", "device", "world_size",
-                                              "seconds")}
-        else:
-            res = knn_classify(*arrays(pair), k=k, temperature=temperature, device=device)
-            row = {key: res[key] for key in ("top1", "top5", "k", "temperature", "backend", "n_train", "n_test",
-                                              "device", "seconds")}
-        rows[name] = {**row, "features": int(pair[0].x.shape[1]), **feature_provenance(pair)}
+    for name, per_layer in ev.targets().items():
+        layer_rows = {}
+        for layer, pair in per_layer.items():
+            what = name if ev.layers is None else f"{name} [{layer}]"
+            if kind == "probe":
+                res = linear_probe(*arrays(pair), device=device, shard=shard, progress=what if progress else False)
+                row = {key: res[key] for key in ("top1", "top5", "weight_decay", "C", "val_top1", "val_curve", "fit",
+                                                  "settings", "n_train", "n_val", "n_test", "device", "world_size",
+                                                  "seconds")}
+            else:
+                res = knn_classify(*arrays(pair), k=k, temperature=temperature, device=device)
+                row = {key: res[key] for key in ("top1", "top5", "k", "temperature", "backend", "n_train", "n_test",
+                                                  "device", "seconds")}
+                if ev.layers is not None and len(per_layer) > 1:
+                    row["val_top1"] = knn_holdout_top1(pair, k, temperature, device)
+            if len(ev.train.classes) <= 5:  # top-5 of 5 classes or fewer is 100 by construction: left out
+                row["top5"] = None
+            layer_rows[layer] = {**row, "features": int(pair[0].x.shape[1]), **feature_provenance(pair)}
+        if ev.layers is None:
+            rows[name] = layer_rows["out"]
+            continue
+        best = best_layer(layer_rows)
+        rows[name] = {**layer_rows[best], "layer": best, "best_layer": best,
+                      "layers": {layer: {key: r.get(key) for key in LAYER_KEYS if key in r}
+                                 for layer, r in layer_rows.items()}}
     return rows
+
+
+LAYER_KEYS = ("top1", "top5", "weight_decay", "val_top1", "features", "pooling", "feature_cache", "k", "seconds")
+"""What the results JSON keeps of each layer's probe or kNN under ``layers``."""
+
+
+def best_layer(layer_rows: dict[str, dict]) -> str:
+    """The layer with the best held-out *training* accuracy (``val_top1``; never the test split), first on ties."""
+    vals = {layer: r.get("val_top1") for layer, r in layer_rows.items()}
+    if any(v is None or v != v for v in vals.values()):  # no hold-out possible (a class with 1 label)
+        return "out" if "out" in vals else list(vals)[-1]
+    return max(vals, key=lambda layer: vals[layer])  # max keeps the first (shallowest) of equal ones
+
+
+def knn_holdout_top1(pair: tuple[Features, Features], k: int, temperature: float | None, device) -> float:
+    """kNN top-1 on the probe's held-out 20% of the training labels (seed 0), the rest as neighbours:
+    how the best layer of a kNN evaluation is chosen without looking at the test split."""
+    from selfsup.eval.knn import knn_classify
+    from selfsup.eval.linear import stratified_holdout
+
+    train = pair[0]
+    y = torch.as_tensor(np.asarray(train.y))
+    parts = stratified_holdout(torch.unique(y, return_inverse=True)[1], 0.2, 0)
+    if parts is None:
+        return float("nan")
+    fit, val = (p.numpy() for p in parts)
+    held = np.asarray(train.x[val])  # a copy of the held-out rows only
+    return knn_classify(train.x, train.y, held, train.y[val], k=min(k, len(fit)), temperature=temperature,
+                        device=device, train_rows=torch.from_numpy(fit), check_finite=False)["top1"]
 
 
 def feature_provenance(pair: tuple[Features, Features]) -> dict[str, Any]:
     """Where an encoder's features came from: its weights' hash, dtype and cache file."""
     train = pair[0]
-    return {"encoder_hash": train.meta.get("encoder"), "feature_dtype": str(train.x.dtype),
-            "feature_cache": train.path.name}
+    out = {"encoder_hash": train.meta.get("encoder"), "feature_dtype": str(train.x.dtype),
+           "feature_cache": train.path.name}
+    if train.meta.get("layer"):
+        out.update(layer=train.meta["layer"], pooling=train.meta.get("pooling"))
+    return out
 
 
 def _version(module: str) -> str | None:
@@ -383,7 +449,13 @@ def provenance(ev: EvalData, src: EncoderSource, started: float, device: str | N
                  "image_size": meta.get("image_size"), "transform": meta.get("transform"),
                  "subsets_keyed_by": "relative image paths" if ev.keys is not None else "dataset name and row order",
                  "skip_bad_images": ev.skip_bad},
-        "features": {"dtype": meta.get("dtype"), "dim": int(train.x.shape[1])},
+        "features": {"dtype": meta.get("dtype"), "dim": int(train.x.shape[1]),
+                     **({"layers": {layer: {"dim": int(p[0].x.shape[1]),
+                                            "pooling": p[0].meta.get("pooling") or "the encoder's own output"}
+                                    for layer, p in next(iter(ev.layers.values())).items()},
+                         "pooling_protocol": "each stage map average-pooled to about 9,000 dims "
+                                             "(Goyal et al. 2019, https://arxiv.org/abs/1905.01235)"}
+                        if ev.layers is not None else {})},
         "settings": settings or {},
         "software": {"selfsup": selfsup.__version__, "torch": torch.__version__, "faiss": _version("faiss"),
                      "numpy": np.__version__, "python": platform.python_version()},
@@ -408,12 +480,43 @@ def probe_settings() -> dict[str, Any]:
             "solver": "lbfgs (strong Wolfe), warm-started from the strongest penalty"}
 
 
-def result_name(kind: str, k: int = 20, temperature: float | None = None) -> str:
+def saved_results(path: Path, ev: EvalData, kind: str, settings: dict) -> dict[str, dict] | None:
+    """The rows of a result JSON (``probe.json``, ``knn_k20.json``, ``probe_layers.json``) when its provenance
+    matches what would be computed now, else None: the same data (fingerprint), the same settings, the same
+    encoders and layers, and every one's feature cache file the same (its name hashes the encoder's weights,
+    the data, image size, transform, dtype and pooling), so the fits would repeat exactly."""
+    import json
+
+    try:
+        saved = json.loads(path.read_text())
+        prov = saved["provenance"]
+        rows = saved["results"]
+        if saved.get("kind") != kind or prov.get("settings") != json.loads(json.dumps(settings)):
+            return None
+        if prov["data"]["fingerprint"] != data_fingerprint(ev.train, ev.keys):
+            return None
+        targets = ev.targets()
+        if set(rows) != set(targets):
+            return None
+        for name, per_layer in targets.items():
+            found = (rows[name].get("layers") or {}) if ev.layers is not None else {"out": rows[name]}
+            if list(found) != list(per_layer):
+                return None
+            if any(found[layer].get("feature_cache") != pair[0].path.name for layer, pair in per_layer.items()):
+                return None
+        return rows
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def result_name(kind: str, k: int = 20, temperature: float | None = None, layers: str | None = None) -> str:
     """The JSON file of a result: ``probe.json``, or ``knn_k20.json`` / ``knn_k200_t0.07.json`` (a kNN
-    with other settings never overwrites another's)."""
+    with other settings never overwrites another's); a layer-wise one ends ``_layers`` (``probe_layers.json``),
+    a sweep on the best layer ``_best-layer``."""
+    tail = "" if layers is None else "_best-layer" if layers.strip() == "best" else "_layers"
     if kind != "knn":
-        return f"{kind}.json"
-    return f"knn_k{k}" + ("" if temperature is None else f"_t{temperature:g}") + ".json"
+        return f"{kind}{tail}.json"
+    return f"knn_k{k}" + ("" if temperature is None else f"_t{temperature:g}") + tail + ".json"
 
 
 def report(ev: EvalData, kind: str, rows: dict[str, dict], results_dir: Path, extra: dict | None = None,
@@ -422,9 +525,47 @@ def report(ev: EvalData, kind: str, rows: dict[str, dict], results_dir: Path, ex
     from selfsup.eval.report import make_console, write_json
 
     title = f"{kind} on {ev.spec}: {len(ev.train)} train / {len(ev.test)} test images"
-    make_console().print(_table(title, rows, {"top1": "top-1 %", "top5": "top-5 %", "features": "dim"}))
+    columns = {"top1": "top-1 %", "top5": "top-5 %", "features": "dim"}
+    if len(ev.train.classes) <= 5:  # top-5 of 5 classes or fewer is 100 by construction
+        columns.pop("top5")
+    if ev.layers is not None:
+        shown = {}
+        for encoder, row in rows.items():
+            for layer, r in row["layers"].items():
+                mark = " *" if layer == row["best_layer"] else ""
+                shown[f"{encoder} [{layer}]{mark}"] = r
+        columns = {**columns, "val_top1": "held-out top-1 %"}
+        title += " (* best layer on held-out training labels)"
+        make_console().print(_table(title, shown, columns))
+    else:
+        make_console().print(_table(title, rows, columns))
     return write_json({"kind": kind, "data": ev.spec, **(extra or {}), "results": rows},
                       results_dir / (name or f"{kind}.json"))
+
+
+def sweep_pairs(ev: EvalData) -> dict[str, tuple[Features, Features]]:
+    """The sweep's lines: each encoder's features, or with ``--layers`` each ``name [layer]`` (a single
+    layer keeps the encoder's name, as ``--layers best`` leaves it)."""
+    if ev.layers is None:
+        return dict(ev.features)
+    out = {}
+    for name, per_layer in ev.layers.items():
+        for layer, pair in per_layer.items():
+            out[name if len(per_layer) == 1 else f"{name} [{layer}]"] = pair
+    return out
+
+
+def keep_best_layers(ev: EvalData, rows: dict[str, dict]) -> dict[str, dict]:
+    """Keep only each encoder's best layer (``rows`` of a layer-wise probe, chosen on held-out training
+    labels) in ``ev``; returns what was chosen: ``{encoder: {"layer", "val_top1"}}``."""
+    chosen = {}
+    for name, row in rows.items():
+        layer = row["best_layer"]
+        ev.layers[name] = {layer: ev.layers[name][layer]}
+        ev.features[name] = ev.layers[name][layer]
+        chosen[name] = {"layer": layer, "val_top1": row["layers"][layer].get("val_top1"),
+                        "chosen_by": "full-label linear probe, held-out 20% of the training labels (seed 0)"}
+    return chosen
 
 
 SUPERVISED = "supervised (same backbone, from scratch)"
@@ -473,20 +614,25 @@ def sweep(
     shard: tuple[int, int] | None = None,
     gather: Callable[[dict], dict] | None = None,
     started: float | None = None,
+    best_layers: dict[str, dict] | None = None,
+    name: str = "sweep",
 ) -> tuple[Path, Path] | None:
     """Label-efficiency sweep of every encoder's cached features; JSON, table and PNG under :func:`results_dir_for`.
 
     ``finetune`` adds end-to-end fine-tuning of the encoder on each subset (method ``finetune``);
     ``supervised`` adds the same backbone trained from scratch on each subset, as its own line. With
     ``shard=(rank, world)`` and ``gather`` the probes are spread over the ranks; only rank 0 writes
-    (and returns the paths; other ranks return None).
+    (and returns the paths; other ranks return None). With layer-wise features (``ev.layers``) each
+    encoder's layers are swept as lines of their own, ``name [layer]``; ``best_layers`` (from
+    :func:`keep_best_layers`) is recorded.
     """
     from selfsup.eval.finetune import train_classifier
     from selfsup.eval.label_efficiency import label_efficiency_sweep
     from selfsup.eval.report import make_console, plot_sweep, print_sweep_table, write_json
 
     started = time.perf_counter() if started is None else started
-    encoders = {name: arrays(pair) for name, pair in ev.features.items()}
+    pairs = sweep_pairs(ev)
+    encoders = {name: arrays(pair) for name, pair in pairs.items()}
     rank = 0 if shard is None else shard[0]
     common = dict(ks=ks, percents=percents, seeds=seeds, dataset_key=ev.dataset_key, progress=progress and rank == 0,
                   keys=ev.keys, subset_files=subset_files, device=device)
@@ -516,11 +662,15 @@ def sweep(
         result["results"].setdefault(name, {}).update(res["results"][name])
         if "finetune" not in result["methods"]:
             result["methods"].append("finetune")
-    result["features"] = {name: feature_provenance(pair) for name, pair in ev.features.items()}
+    result["features"] = {name: feature_provenance(pair) for name, pair in pairs.items()}
+    if ev.layers is not None:
+        result["layers"] = {name: list(per_layer) for name, per_layer in ev.layers.items()}
+        if best_layers:
+            result["best_layers"] = best_layers
     settings = {"ks": list(ks), "percents": list(percents), "seeds": list(seeds), "methods": list(methods),
                 "subset_files": [str(f) for f in subset_files], "knn_k": 20, "knn_temperature": None,
                 "linear_probe": probe_settings()}
     result["provenance"] = provenance(ev, src, started, device, 1 if shard is None else shard[1], settings)
     print_sweep_table(result, make_console())
     out = results_dir_for(src, ev)
-    return write_json(result, out / "sweep.json"), plot_sweep(result, out / "sweep.png")
+    return write_json(result, out / f"{name}.json"), plot_sweep(result, out / f"{name}.png")

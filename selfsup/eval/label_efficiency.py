@@ -76,6 +76,9 @@ from selfsup.eval.linear import ArrayLike, as_labels, as_tensor, check_split, li
 from selfsup.progress import make_progress
 
 SCHEMA = "selfsup.label_efficiency/1"
+ALL_SEED = 0
+"""Hold-out seed of the "all" budget's linear probe, whatever the sweep's seed: the seed of
+:func:`~selfsup.eval.linear.linear_probe`'s default, so "all" is the same fit as ``selfsup probe``."""
 FIT_COLUMNS = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("fits"),
                TimeElapsedColumn())
 """The sweep's bar: the fit running now, then how many of its fits (encoder x budget x seed x method) are done."""
@@ -361,7 +364,10 @@ def label_efficiency_sweep(
     subset for every encoder), then a linear probe and/or a kNN classifier (``k = min(knn_k, labels of the smallest class in the subset)``)
     are fitted on the subset (given as row indices: the features are never copied) and scored on the
     whole test set. Deterministic results are not recomputed: kNN (and the "all" budget's kNN across
-    seeds) runs once per distinct subset. Protocol of CPC v2 [0].
+    seeds) runs once per distinct subset. With every label there is nothing to sample, so the "all"
+    budget's linear probe is one fit for all seeds, with the hold-out rows of ``selfsup probe``
+    (seed :data:`ALL_SEED`): the same fit and the same result as the probe (its std is 0).
+    Protocol of CPC v2 [0].
 
     - [0] CPC v2, 2019, https://arxiv.org/abs/1905.09272
 
@@ -370,7 +376,7 @@ def label_efficiency_sweep(
             for every encoder. Baselines are named with a "random" or "pixels" prefix by convention.
         ks: labels per class; None means all labels. ks above the largest class are dropped.
         percents: percentages of each class's labels (100 is the "all" budget).
-        seeds: subset seeds (also the linear probe's hold-out seed).
+        seeds: subset seeds (also the linear probe's hold-out seed, except at "all": see above).
         methods: any of "linear", "knn", "finetune"; "finetune" is added when ``finetune_fn`` is given.
         dataset_key: dataset name: recorded, and part of the subset seed when there are no ``keys``.
         progress: show a rich progress bar.
@@ -443,7 +449,11 @@ def label_efficiency_sweep(
         linear_kwargs.setdefault("device", device)
         knn_kwargs.setdefault("device", device)
 
-    # Every distinct fit once: kNN is deterministic given its subset, so seeds sharing a subset share it.
+    # Every distinct fit once: kNN is deterministic given its subset, so seeds sharing a subset share it;
+    # the "all" budget's linear probe is the fit of `selfsup probe` (hold-out seed ALL_SEED), once for all seeds.
+    def fit_seed(budget: str, method: str, seed: int) -> int:
+        return ALL_SEED if budget == "all" and method == "linear" else seed
+
     def job_key(name: str, method: str, idx: np.ndarray, seed: int) -> tuple:
         digest = hashlib.sha1(idx.tobytes()).hexdigest()
         return (name, method, digest) if method == "knn" else (name, method, digest, seed)
@@ -453,8 +463,8 @@ def label_efficiency_sweep(
         for b in budgets:
             for seed in seeds:
                 for method in methods:
-                    idx = subsets[b["name"], seed]
-                    jobs.setdefault(job_key(name, method, idx, seed), (name, method, idx, seed))
+                    idx, fs = subsets[b["name"], seed], fit_seed(b["name"], method, seed)
+                    jobs.setdefault(job_key(name, method, idx, fs), (name, method, idx, fs))
     keys_list = list(jobs)
     owner = assign_jobs([len(jobs[j][2]) for j in keys_list], world)
     mine = [j for j, r in zip(keys_list, owner, strict=True)
@@ -483,7 +493,8 @@ def label_efficiency_sweep(
         results[name] = {m: [] for m in methods}
         for b in budgets:
             for method in methods:
-                runs = [{"seed": seed, **done[job_key(name, method, subsets[b["name"], seed], seed)]}
+                runs = [{"seed": seed, **done[job_key(name, method, subsets[b["name"], seed],
+                                                      fit_seed(b["name"], method, seed))]}
                         for seed in seeds]
                 results[name][method].append(_summary(b, runs))
 

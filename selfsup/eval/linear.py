@@ -915,7 +915,8 @@ def linear_probe(
                 init = (w, b)
                 (acc,), loss = _score(val_part, w, b, (1,))
                 curve.append({"weight_decay": wd, "val_top1": acc, "val_loss": loss,
-                              "iterations": info.iterations, "converged": info.converged})
+                              "iterations": info.iterations, "evaluations": info.evaluations,
+                              "converged": info.converged})
                 bar.advance(task)
                 if best is None or (acc, -loss) > (best[1], -best[2]):
                     best, since_best = (wd, acc, loss, init), 0

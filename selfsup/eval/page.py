@@ -47,6 +47,7 @@ class RunSummary:
     sweep: dict | None = None
     images: dict[str, str] = field(default_factory=dict)  # title -> data URI
     notes: list[str] = field(default_factory=list)
+    layers: dict[str, dict] = field(default_factory=dict)  # encoder -> {"layers": {layer: top1}, "best": layer}
 
 
 def png_data_uri(fig_or_path) -> str:
@@ -75,8 +76,13 @@ def _run_dir(path: str | Path) -> Path:
     raise ConfigError(not_an_encoder_message(p, "a run directory (runs/<name>) of a finished run"))
 
 
-def summarise(path: str | Path, data: str | None = None, pictures: bool = True, progress: bool = False) -> RunSummary:
-    """Evaluate (from the cache where possible) and draw one run."""
+def summarise(path: str | Path, data: str | None = None, pictures: bool = True, progress: bool = False,
+              layers: str | None = None) -> RunSummary:
+    """Evaluate (from the cache where possible) and draw one run; ``layers`` adds accuracy per layer.
+
+    A probe or kNN result the run already saved (``eval/probe.json``, ``knn_k20.json``,
+    ``probe_layers.json``) is reused when its provenance matches (:func:`~selfsup.eval.harness.saved_results`).
+    """
     from selfsup.eval import harness
 
     run = _run_dir(path)
@@ -84,11 +90,29 @@ def summarise(path: str | Path, data: str | None = None, pictures: bool = True, 
     summary = RunSummary(run.name, run, cfg.read_text() if cfg.is_file() else (run / "export" / "config.json").read_text())
     src = harness.resolve_source(str(run))
     ev = harness.prepare(src, data=data, progress=progress)
-    probe = harness.evaluate(ev, "probe", progress=progress)
-    knn = harness.evaluate(ev, "knn", k=20, progress=progress)
+    results = harness.results_dir_for(src, ev)
+
+    def rows_of(ev, kind: str, settings: dict, layers: str | None = None, **kw) -> dict:
+        """The saved result when its provenance matches (no fit repeated), else a fresh evaluation."""
+        path = results / harness.result_name(kind, **kw, layers=layers)
+        saved = harness.saved_results(path, ev, kind, settings)
+        if saved is not None:
+            summary.notes.append(f"{kind} results reused from {path} (same data, settings and features)")
+            return saved
+        return harness.evaluate(ev, kind, progress=progress, **kw)
+
+    probe = rows_of(ev, "probe", {"linear_probe": harness.probe_settings()})
+    knn = rows_of(ev, "knn", {"k": 20, "temperature": None}, k=20, temperature=None)
     for name in ev.features:
         summary.rows[name] = {"linear": probe[name]["top1"], "linear5": probe[name]["top5"],
                               "knn": knn[name]["top1"], "dim": probe[name]["features"]}
+    if layers is not None:
+        lev = harness.prepare(src, data=data, progress=progress, layers=layers, dtype="float16")
+        by_layer = rows_of(lev, "probe", {"linear_probe": harness.probe_settings()}, layers=layers)
+        for name, row in by_layer.items():
+            summary.layers[name] = {"layers": {k: v["top1"] for k, v in row["layers"].items()},
+                                    "best": row["best_layer"]}
+        summary.images["linear probe per layer"] = png_data_uri(layer_figure(summary))
     sweep = run / "eval" / "sweep.json"
     if sweep.is_file():
         summary.sweep = json.loads(sweep.read_text())
@@ -111,6 +135,30 @@ def summarise(path: str | Path, data: str | None = None, pictures: bool = True, 
         if pngs:
             summary.images[f"{folder} ({pngs[-1].name})"] = png_data_uri(pngs[-1])
     return summary
+
+
+def layer_figure(run: RunSummary):
+    """Linear-probe top-1 per layer (shallow to deep) of a run's encoder (solid) and its random-init floor
+    (dashed); each line's best layer (on held-out training labels) circled."""
+    fig = viz._figure(7, 4)
+    ax = fig.subplots()
+    order: list[str] = []
+    for entry in run.layers.values():
+        order += [n for n in entry["layers"] if n not in order]
+    for name, entry in run.layers.items():
+        xs = [order.index(n) for n in entry["layers"]]
+        ys = list(entry["layers"].values())
+        style = "--" if name.startswith("random") else ":" if is_baseline(name) else "-"
+        (line,) = ax.plot(xs, ys, style, marker="o", label=name)
+        best = entry["best"]
+        ax.plot([order.index(best)], [entry["layers"][best]], "o", ms=13, mfc="none", color=line.get_color())
+    ax.set_xticks(range(len(order)), order, rotation=30, fontsize=8)
+    ax.set_xlabel("layer (shallow to deep; out = the encoder's features)")
+    ax.set_ylabel("linear probe top-1 (%)")
+    ax.set_title(f"{run.name}: accuracy per layer (circled: best on held-out training labels)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
 
 
 def label_efficiency_figure(runs: list[RunSummary]):
@@ -163,21 +211,23 @@ def label_efficiency_figure(runs: list[RunSummary]):
 
 
 def cell(row: dict | None, key: str) -> str:
-    return "-" if row is None else f"{row[key]:.1f}"
+    return "-" if row is None or row.get(key) is None else f"{row[key]:.1f}"
 
 
 def _table(run: RunSummary) -> str:
     method_rows = {k: v for k, v in run.rows.items() if not is_baseline(k)}
     floor = next((v for k, v in run.rows.items() if k.startswith("random")), None)
-    out = ["<table><tr><th>encoder</th><th>linear top-1 %</th><th>linear top-5 %</th><th>kNN (k=20) top-1 %</th>"
-           "<th>features</th></tr>"]
+    top5 = any(r.get("linear5") is not None for r in run.rows.values())  # None: 5 classes or fewer
+    out = ["<table><tr><th>encoder</th><th>linear top-1 %</th>" + ("<th>linear top-5 %</th>" if top5 else "")
+           + "<th>kNN (k=20) top-1 %</th><th>features</th></tr>"]
     for name, r in run.rows.items():
         cls = ' class="floor"' if is_baseline(name) else ""
         mark = ""
         if name in method_rows and floor is not None:
             diff = r["linear"] - floor["linear"]
             mark = f' <span class="{"good" if diff > 0 else "bad"}">({diff:+.1f} vs floor)</span>'
-        out.append(f"<tr{cls}><td>{html.escape(name)}</td><td>{r['linear']:.1f}{mark}</td><td>{r['linear5']:.1f}</td>"
+        five = f"<td>{cell(r, 'linear5')}</td>" if top5 else ""
+        out.append(f"<tr{cls}><td>{html.escape(name)}</td><td>{r['linear']:.1f}{mark}</td>{five}"
                    f"<td>{r['knn']:.1f}</td><td>{r['dim']}</td></tr>")
     out.append("</table>")
     return "\n".join(out)
@@ -222,11 +272,11 @@ def render(runs: list[RunSummary], title: str = "selfsup report") -> str:
 
 
 def write_report(runs: list[str | Path], output: str | Path, data: str | None = None, pictures: bool = True,
-                 progress: bool = False) -> Path:
+                 progress: bool = False, layers: str | None = None) -> Path:
     """Summarise every run and write the page to ``output`` (atomically); the path."""
     if not runs:
         raise ConfigError("give at least one run directory")
-    summaries = [summarise(r, data=data, pictures=pictures, progress=progress) for r in runs]
+    summaries = [summarise(r, data=data, pictures=pictures, progress=progress, layers=layers) for r in runs]
     names = [s.name for s in summaries]
     for i, s in enumerate(summaries):  # two runs named alike (from two output folders) stay apart
         if names.count(s.name) > 1:
@@ -246,4 +296,4 @@ def write_report(runs: list[str | Path], output: str | Path, data: str | None = 
     return output
 
 
-__all__ = ["RunSummary", "label_efficiency_figure", "png_data_uri", "render", "summarise", "write_report"]
+__all__ = ["RunSummary", "label_efficiency_figure", "layer_figure", "png_data_uri", "render", "summarise", "write_report"]

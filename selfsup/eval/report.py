@@ -47,6 +47,8 @@ def _check(result: Mapping[str, Any], metric: str) -> None:
     missing = [key for key in ("budgets", "results") if key not in result]
     if missing:
         raise ConfigError(f"not a label-efficiency result: missing {missing}")
+    if metric == "top5" and int(result.get("num_classes") or 6) <= 5:
+        raise ConfigError(f"top-5 of {result['num_classes']} classes is 100 by construction: use top1")
 
 
 def dataset_label(result: Mapping[str, Any]) -> str | None:

@@ -164,6 +164,12 @@ class Backbone(nn.Module):
                               "and feature_info)")
         return [int(stage["num_chs"]) for stage in self.model.feature_info]
 
+    @property
+    def stage_names(self) -> list[str]:
+        """Module name of each stage output of :meth:`forward_intermediates` (``layer1`` ... on ResNets)."""
+        self.stage_channels  # noqa: B018 - raises the one-line error of a backbone without stages
+        return [str(stage.get("module", f"stage{i}")) for i, stage in enumerate(self.model.feature_info)]
+
     def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One pass: the feature map of :meth:`forward_features` and every stage's output (NCHW)."""
         return self.model.forward_intermediates(x)

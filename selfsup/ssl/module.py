@@ -102,6 +102,17 @@ class ImageEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
 
+    def forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every stage's map of one pass, by the stage's module name, then ``"out"`` (what :meth:`forward` gives).
+
+        The stage interface of layer-wise evaluation (:mod:`selfsup.eval.layers`); a backbone that does not
+        expose its stages gives ``"out"`` only.
+        """
+        if not self.backbone.has_stages:
+            return {"out": self(x)}
+        final, stages = self.backbone.forward_intermediates(self.normalize(x))
+        return {**dict(zip(self.backbone.stage_names, stages, strict=True)), "out": self.backbone.pool(final)}
+
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_ratio: float = 0.0) -> float:
     """Learning-rate multiplier: linear warm-up from ~0 to 1, then cosine decay to ``final_ratio``."""
