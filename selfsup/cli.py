@@ -552,6 +552,17 @@ def _dispatch(args: argparse.Namespace) -> None:
                  seeds=args.seeds)
 
 
+def build_parser(method: str = "rotation") -> argparse.ArgumentParser:
+    """The ``selfsup`` parser, ``pretrain`` showing ``method``'s options (the docs' CLI reference renders it)."""
+    parser = _Parser(prog="selfsup", description="Self-supervised representation learning for images.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    build_pretrain_parser(sub, method)
+    build_eval_parsers(sub)
+    build_view_parsers(sub)
+    build_demo_parser(sub)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     sys.argv = [sys.argv[0], *argv]  # DDP's launcher re-runs the command line
@@ -577,12 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
 
-    parser = _Parser(prog="selfsup", description="Self-supervised representation learning for images.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    build_pretrain_parser(sub, method if isinstance(method, str) and method in METHODS else "rotation")
-    build_eval_parsers(sub)
-    build_view_parsers(sub)
-    build_demo_parser(sub)
+    parser = build_parser(method if isinstance(method, str) and method in METHODS else "rotation")
     args = parser.parse_args(argv)
     args.method_given = any(a == "--method" or a.startswith("--method=") for a in argv)
     from selfsup.quiet import one_line_warnings
