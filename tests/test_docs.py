@@ -51,6 +51,7 @@ def test_cli_reference_renders_every_command_and_every_methods_own_options():
                 assert "--" + name.replace("_", "-") in body, (method, name)
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     pytest.importorskip("mkdocs", reason="install the docs extra: pip install -e '.[docs]'")
     pytest.importorskip("mkdocstrings", reason="install the docs extra: pip install -e '.[docs]'")
