@@ -38,17 +38,23 @@ def probe_frozen(encoder: nn.Module, dm: SelfSupDataModule, epochs: int, seed: i
 
 DIGITS_CAVEAT = (
     "How to read it: the digits are 8x8 images that raw pixels already classify at about 97%, so this shows "
-    "the pipeline working end to end, not what self-supervision buys on real images (see the README's Results)."
+    "the pipeline working end to end, not what self-supervision buys on real images (see the README's Results). "
+    "The online probe is a linear head trained alongside the pretraining (one small Adam step a batch, on augmented "
+    "features of a changing encoder), so after a few epochs it reads below the linear probe, which is fitted to "
+    "convergence on the frozen features."
 )
+EPOCHS = 5  # with SEEDS and KS: about a minute on 2 idle CPU cores (the README gives the measurement)
+SEEDS = 2
+KS = (1, 5, None)
 
 
 def run_demo(
-    epochs: int = 20,
+    epochs: int = EPOCHS,
     backbone: str = "convnet_small",
     output: str = "runs",
     seed: int = 0,
-    seeds: int = 3,
-    ks: tuple = (1, 2, 5, 10, 20, 50, None),
+    seeds: int = SEEDS,
+    ks: tuple = KS,
 ) -> dict:
     """Pretrain rotation on digits; print the comparison table and the sweep; return the numbers."""
     console = make_console()

@@ -18,6 +18,7 @@ def bench(monkeypatch):
     return speed
 
 
+@pytest.mark.slow
 def test_speed_ci_preset_times_every_method_against_its_floor(bench, tmp_path):
     out = tmp_path / "speed.json"
     assert bench.main(["--preset", "ci", "--methods", "rotation", "--no-data", "--out", str(out)]) == 0
@@ -39,6 +40,7 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
 
 
+@pytest.mark.slow
 def test_quality_cpu_smoke_writes_table_and_resumes(bench, tmp_path, capsys):
     import quality
 

@@ -161,6 +161,7 @@ AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "global_step": 2}, sys.a
 """
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint(_ckpt(1), path)

@@ -9,7 +9,12 @@ from PIL import Image
 import selfsup
 from selfsup.errors import ConfigError
 from selfsup.eval import harness
-from selfsup.pretext.colorization import Colorization, ColorizationTask, colorization_grid
+from selfsup.pretext.colorization import (
+    Colorization,
+    ColorizationTask,
+    colorization_grid,
+    pick_across_classes,
+)
 from selfsup.pretext.lab import (
     annealed_mean,
     gamut_bins,
@@ -190,11 +195,26 @@ def test_l2_variant_predicts_ab_directly():
         Colorization(backbone="convnet_small", loss="l1")
 
 
-def test_grid_png(tmp_path):
+def test_grid_png_has_three_labelled_rows(tmp_path):
     images = torch.rand(3, 3, 16, 16)
     path = colorization_grid(images, images, tmp_path / "c" / "epoch_000.png")
-    w, h = Image.open(path).size
-    assert (w, h) == (2 + 3 * (64 + 2), 2 + 3 * (64 + 2))  # 3 rows (grey, prediction, truth) x 3 images
+    picture = np.asarray(Image.open(path).convert("L"))
+    h, w = picture.shape
+    grid_w = 2 + 3 * (64 + 2)  # 3 images a row, upscaled to 64 px, 2 px padding
+    assert h == 2 + 3 * (64 + 2) and w > grid_w  # 3 rows (grey, prediction, truth), a label column left of them
+    labels = picture[:, : w - grid_w]
+    for r in range(3):  # each row's band of the label column has dark (text) pixels
+        assert (labels[2 + r * 66 : 2 + (r + 1) * 66] < 100).any()
+
+
+def test_grid_images_are_picked_across_classes():
+    picked = []
+    first = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 3, 2, 2)
+    assert pick_across_classes(picked, first, torch.tensor([0, 0, 0, 1, 1, 1]), n=4) == [0, 3]
+    second = 10 + first
+    assert pick_across_classes(picked, second, torch.tensor([1, 2, 2, 3, 4, 5]), n=4) == [1, 3]
+    assert [label for label, _ in picked] == [0, 1, 2, 3]  # one image of each class, in the order met
+    assert [int(image[0, 0, 0]) for _, image in picked] == [0, 3, 11, 13]
 
 
 def test_export_round_trip_exact_and_floor_is_lightness(tmp_path):

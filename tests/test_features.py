@@ -128,6 +128,7 @@ def test_sweep_cli_with_a_subset_file(tmp_path):
     assert res["provenance"]["data"]["subsets_keyed_by"] == "relative image paths"
 
 
+@pytest.mark.slow
 def test_python_extraction_reuses_what_the_cli_cached(tmp_path):
     import selfsup
     from selfsup.train import pretrain

@@ -2,6 +2,8 @@
 
 import csv
 
+import pytest
+
 from selfsup.train import log_interval, pretrain
 
 
@@ -14,6 +16,7 @@ def test_log_interval_is_capped_at_one_epoch():
     assert log_interval(0, n_train=400, global_batch=64) == 0  # logging off stays off
 
 
+@pytest.mark.slow
 def test_tiny_run_logs_train_loss_every_epoch(tmp_path):
     # digits: 1437 training images at batch 512 -> 2 steps an epoch, under the default interval of 10
     cfg = {"method": "rotation", "output": str(tmp_path), "name": "tiny", "online_probe": False,
@@ -34,6 +37,7 @@ def test_final_validation_batch_only_when_steps_end_inside_the_first_epoch():
     assert final_validation_batch(-1, n_train=1437, global_batch=64) is None  # no step limit
 
 
+@pytest.mark.slow
 def test_a_run_shorter_than_an_epoch_still_reports_held_out_bits_per_dim(tmp_path):
     # 2 steps of 22 an epoch: without a final validation the VAE would end with no val/bits_per_dim
     cfg = {"method": "vae", "output": str(tmp_path), "name": "short", "online_probe": False,

@@ -119,6 +119,7 @@ def test_lr_with_only_a_time_limit_is_constant_after_warm_up(tmp_path):
     assert lrs[5:] == pytest.approx([0.1] * (len(lrs) - 5)) and final == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_project_root_does_not_shadow_stdlib_ssl():
     from pathlib import Path
 

@@ -141,6 +141,7 @@ def test_cpc_with_colorization_sees_lightness():
     assert torch.isfinite(out["loss"]) and "cpc_acc" in out and "colorization_acc" in out
 
 
+@pytest.mark.slow
 def test_rotation_and_cpc_pretrain_on_the_digits_through_the_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["selfsup"])

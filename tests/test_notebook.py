@@ -16,10 +16,18 @@ def _listing(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
 
 
-def execute(name: str, tmp_path: Path, monkeypatch) -> tuple[str, list[dict]]:
-    """Run a notebook in a fresh kernel (its WORK and selfsup's cache in ``tmp_path``); its text and outputs."""
+def execute(name: str, tmp_path: Path, monkeypatch, work: bool = True) -> tuple[str, list[dict]]:
+    """Run a notebook in a fresh kernel (its WORK and selfsup's cache in ``tmp_path``); its text and outputs.
+
+    With ``work=False`` the notebook makes its own temporary WORK folder, as for a user (under ``tmp_path/tmp``).
+    """
     nbclient = pytest.importorskip("nbclient", reason="install the dev extra: pip install -e '.[dev]'")
-    monkeypatch.setenv("SELFSUP_WORK", str(tmp_path / "work"))
+    if work:
+        monkeypatch.setenv("SELFSUP_WORK", str(tmp_path / "work"))
+    else:
+        monkeypatch.delenv("SELFSUP_WORK", raising=False)
+        (tmp_path / "tmp").mkdir()
+        monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SELFSUP_DATA", raising=False)
     cwd = tmp_path / "cwd"
@@ -49,12 +57,15 @@ def test_committed_notebooks_have_their_outputs_stripped(path):
 
 
 @pytest.mark.slow
-def test_quickstart_notebook(tmp_path, monkeypatch):
-    text, _ = execute("01_quickstart.ipynb", tmp_path, monkeypatch)
+def test_quickstart_notebook_removes_its_temporary_work_folder(tmp_path, monkeypatch):
+    text, _ = execute("01_quickstart.ipynb", tmp_path, monkeypatch, work=False)
     top1 = float(re.search(r"linear probe top-1 (\d+\.\d)%", text).group(1))
     assert 50 < top1 <= 100  # ten digit classes: chance is 10%
     assert "extract rotation-convnet_small train (1,437 images)" in text
-    assert (tmp_path / "work" / "runs" / "rotation-convnet_small" / "eval" / "notebook_sweep.png").is_file()
+    work = Path(re.search(r"^(\S*selfsup-quickstart-\S+)$", text, re.M).group(1))
+    assert work.parent == tmp_path / "tmp"  # it worked in a temporary folder of its own ...
+    assert "notebook_sweep.png" in text and f"removed {work}" in text
+    assert not work.exists()  # ... and removed it at the end
 
 
 @pytest.mark.slow
@@ -80,6 +91,7 @@ def test_your_images_notebook(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_compare_methods_notebook(tmp_path, monkeypatch):
     text, outputs = execute("03_compare_methods.ipynb", tmp_path, monkeypatch)
+    assert "removed" not in text  # a WORK the user chose is kept
     runs = tmp_path / "work" / "runs"
     for method in ("rotation", "relative_position"):
         row = re.search(rf"^{method} +(\d+\.\d)% +(\d+\.\d)% +(\d+\.\d)% +(\d+\.\d)%$", text, re.M)

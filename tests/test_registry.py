@@ -41,6 +41,7 @@ def _skip(method: str, check: str) -> None:
         pytest.skip(NOT_APPLICABLE[(method, check)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_fast_cli_run_on_digits(method, tmp_path, monkeypatch, capsys):
     _skip(method, "cli")

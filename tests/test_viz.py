@@ -160,12 +160,14 @@ def test_report_label_efficiency_draws_every_runs_own_floor_in_its_colour(tmp_pa
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "5", "all"]  # not 10^0, 10^1
 
 
-def test_report_gives_the_training_curves_a_row_of_their_own(tmp_path):
+def test_report_gives_the_training_curves_and_the_neighbour_grid_a_row_of_their_own(tmp_path):
     from selfsup.eval.page import RunSummary, render
 
     uri = "data:image/png;base64,iVBORw0KGgo="
-    run = RunSummary("rot", tmp_path, "", images={"training curves": uri, "nearest neighbours": uri})
+    run = RunSummary("rot", tmp_path, "", images={"training curves": uri, "nearest neighbours": uri,
+                                                  "embedding map": uri})
     page = render([run])
     assert '<div class="wide"><h3>training curves</h3>' in page  # three panels at half width were unreadable
-    assert "<div><h3>nearest neighbours</h3>" in page
+    assert '<div class="wide"><h3>nearest neighbours</h3>' in page  # nine thumbnails a row, likewise
+    assert "<div><h3>embedding map</h3>" in page  # one panel: half width reads fine
     assert re.search(r"\.grid>div\.wide\{flex-basis:100%\}", page)

@@ -33,8 +33,9 @@ pre{background:#f7f7f7;padding:.7em;overflow:auto;font-size:.85em}.grid{display:
 .grid>div{flex:1 1 480px}.grid>div.wide{flex-basis:100%}.good{color:#2c7a2c;font-weight:600}.bad{color:#b02a2a;font-weight:600}
 """
 
-# pictures of several panels side by side: a row of their own, else their labels shrink to ~5 px
-WIDE_IMAGES = {"training curves"}
+# pictures of several panels side by side: a row of their own, else their labels shrink to ~5 px (the
+# neighbour grid's nine columns of thumbnails too: at half width a 32 px image was drawn about 50 px wide)
+WIDE_IMAGES = {"training curves", "nearest neighbours"}
 
 @dataclass
 class RunSummary:

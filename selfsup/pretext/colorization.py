@@ -151,13 +151,17 @@ class ColorizationTask(Task):
         return lab_to_rgb(torch.cat([rgb_to_lab(x)[:, :1], ab], 1), clip=True)
 
 
+ROW_LABELS = ("input (L)", "predicted", "truth")
+
+
 def colorization_grid(images: torch.Tensor, colorized: torch.Tensor, path: str | Path, min_size: int = 64) -> Path:
-    """Write a PNG of three rows: the grey input, the colourised prediction, the truth.
+    """Write a PNG of three labelled rows: the grey input, the colourised prediction, the truth.
 
     Shape:
         - images, colorized: ``(B, 3, H, W)`` RGB in [0, 1]
     """
-    from torchvision.utils import save_image
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
 
     truth = to_float(images)
     lab = rgb_to_lab(truth)
@@ -165,18 +169,47 @@ def colorization_grid(images: torch.Tensor, colorized: torch.Tensor, path: str |
     rows = torch.cat([grey, colorized, truth]).float().cpu()  # (3B, 3, H, W)
     if rows.shape[-1] < min_size:  # tiny images (CIFAR's 32 px) upscaled to be visible, pixels kept sharp
         rows = F.interpolate(rows, scale_factor=-(-min_size // rows.shape[-1]), mode="nearest")
+    grid = make_grid(rows.clamp(0, 1), nrow=len(images), padding=2, pad_value=1.0)  # (3, H', W')
+    picture = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    tile = rows.shape[-2] + 2
+    font = ImageFont.load_default(size=max(11, min(tile // 5, 18)))
+    margin = 10 + int(max(ImageDraw.Draw(picture).textlength(label, font=font) for label in ROW_LABELS))
+    canvas = Image.new("RGB", (margin + picture.width, picture.height), "white")
+    canvas.paste(picture, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, label in enumerate(ROW_LABELS):  # each row's name, left of it, vertically centred
+        draw.text((5, 2 + r * tile + tile // 2), label, fill="black", font=font, anchor="lm")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(rows, str(path), nrow=len(images), padding=2, pad_value=1.0)
+    canvas.save(path)
     return path
+
+
+def pick_across_classes(picked: list, images: torch.Tensor, labels: torch.Tensor, n: int) -> list[int]:
+    """Add to ``picked`` (``(label, image)`` pairs) images of classes it lacks, up to ``n`` pairs; their indices.
+
+    Validation data is often ordered by class, so a grid of the first ``n`` images would show one class;
+    this takes the first image of each new class, batch after batch.
+    """
+    seen = {label for label, _ in picked}
+    taken = []
+    for i, label in enumerate(labels.tolist()):
+        if len(picked) >= n:
+            break
+        if label not in seen:
+            seen.add(label)
+            picked.append((label, images[i].clone()))
+            taken.append(i)
+    return taken
 
 
 @register_method("colorization")
 class Colorization(TaskMethod):
     """Colorization as a pretext task (Zhang et al. 2016): the backbone sees L, a decoder predicts ab.
 
-    At the end of each validation epoch a grid of validation images (grey input, prediction, truth) is
-    written to ``<run dir>/colorization/epoch_XXX.png``.
+    At the end of each validation epoch a grid of validation images, one per class where the data has
+    enough classes (rows labelled grey input, prediction, truth), is written to
+    ``<run dir>/colorization/epoch_XXX.png``.
 
     Args:
         loss: ``ce``: classification over the in-gamut ab bins with soft targets and class rebalancing;
@@ -207,6 +240,7 @@ class Colorization(TaskMethod):
             out_stride=out_stride, rebalance=rebalance, temperature=temperature,
         )
         self._grid_batch: torch.Tensor | None = None
+        self._grid_picks: list[tuple[int, torch.Tensor]] = []  # one validation image per class, for the grid
 
 
     @torch.no_grad()
@@ -220,12 +254,22 @@ class Colorization(TaskMethod):
             self.train(was_training)
 
     def validation_step(self, batch, batch_idx: int):
-        if batch_idx == 0 and self.hparams.grid_images > 0:
-            self._grid_batch = batch[0][: self.hparams.grid_images]
+        n = self.hparams.grid_images
+        if n <= 0:
+            return
+        if batch_idx == 0:
+            self._grid_picks = []
+            taken = set(pick_across_classes(self._grid_picks, batch[0], batch[1], n))
+            # the rest of the first batch fills the grid if the data has fewer than n classes
+            self._grid_batch = batch[0][[i for i in range(len(batch[0])) if i not in taken][:n]].clone()
+        elif len(self._grid_picks) < n:
+            pick_across_classes(self._grid_picks, batch[0], batch[1], n)
 
     def on_validation_epoch_end(self) -> None:
-        images, self._grid_batch = self._grid_batch, None
-        if images is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        spare, self._grid_batch = self._grid_batch, None
+        picks, self._grid_picks = self._grid_picks, []
+        if spare is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
+        images = torch.stack([image for _, image in picks] + list(spare[: self.hparams.grid_images - len(picks)]))
         path = Path(self.trainer.default_root_dir) / "colorization" / f"epoch_{self.current_epoch:03d}.png"
         colorization_grid(images, self.colorize(images), path)
