@@ -112,26 +112,55 @@ class TileGrid:
         return base + jit  # (B, 9, 2)
 
 
-def cut_tiles(x: torch.Tensor, origins: torch.Tensor, patch: int) -> torch.Tensor:
+def cut_tiles(x: torch.Tensor, origins: torch.Tensor, patch: int, channel_shift: torch.Tensor | None = None) -> torch.Tensor:
     """Cut square tiles at per-image corners with one advanced-indexing gather (on the images' device).
 
     Args:
         x: images ``(B, C, H, W)``.
         origins: top-left corners ``(row, col)`` of ``T`` tiles per image, ``(B, T, 2)`` int64.
         patch: tile side in pixels.
+        channel_shift: optional extra offset ``(row, col)`` of every channel of every tile, ``(B, T, C, 2)``
+            int64: each colour channel is cut from its own, shifted window (Noroozi & Favaro's spatial jitter
+            of the colour channels against chromatic aberration); pixels beyond the border repeat the edge.
 
     Shape:
         - Output: ``(B, T, C, patch, patch)``; tile ``t`` of image ``b`` is
-          ``x[b, :, r:r + patch, c:c + patch]`` with ``(r, c) = origins[b, t]``.
+          ``x[b, :, r:r + patch, c:c + patch]`` with ``(r, c) = origins[b, t]`` (channel ``k`` shifted by
+          ``channel_shift[b, t, k]`` when given).
     """
     b, t = origins.shape[:2]
     offs = torch.arange(patch, device=x.device)  # (p,)
-    rows = origins[..., 0, None] + offs  # (B, T, p)
-    cols = origins[..., 1, None] + offs  # (B, T, p)
     bidx = torch.arange(b, device=x.device).view(b, 1, 1, 1)  # (B, 1, 1, 1)
-    # The advanced indices (separated by the channel slice) broadcast to (B, T, p, p) and come first.
-    tiles = x[bidx, :, rows[:, :, :, None], cols[:, :, None, :]]  # (B, T, p, p, C)
-    return tiles.permute(0, 1, 4, 2, 3)  # (B, T, p, p, C) -> (B, T, C, p, p)
+    if channel_shift is None:
+        rows = origins[..., 0, None] + offs  # (B, T, p)
+        cols = origins[..., 1, None] + offs  # (B, T, p)
+        # The advanced indices (separated by the channel slice) broadcast to (B, T, p, p) and come first.
+        tiles = x[bidx, :, rows[:, :, :, None], cols[:, :, None, :]]  # (B, T, p, p, C)
+        return tiles.permute(0, 1, 4, 2, 3)  # (B, T, p, p, C) -> (B, T, C, p, p)
+    pad = int(channel_shift.abs().max()) if channel_shift.numel() else 0
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    corner = origins[:, :, None, :] + channel_shift + pad  # (B, T, C, 2)
+    rows = corner[..., 0, None] + offs  # (B, T, C, p)
+    cols = corner[..., 1, None] + offs  # (B, T, C, p)
+    cidx = torch.arange(x.shape[1], device=x.device).view(1, 1, -1, 1, 1)  # (1, 1, C, 1, 1)
+    return x[bidx[..., None], cidx, rows[..., :, None], cols[..., None, :]]  # (B, T, C, p, p)
+
+
+def normalize_tiles(tiles: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each channel of each tile to mean 0 and standard deviation 1, on its own (Noroozi & Favaro 2016, 3.3).
+
+    Adjacent tiles share low-level statistics (brightness, contrast), so a puzzle could be solved from
+    each tile's mean and spread without looking at its content; normalising every tile on its own removes
+    that shortcut. A constant channel (std below ``eps``) becomes 0.
+
+    Shape:
+        - Input: ``(..., C, p, p)`` -> Output: same shape
+    """
+    mean = tiles.mean(dim=(-2, -1), keepdim=True)  # (..., C, 1, 1)
+    std = tiles.std(dim=(-2, -1), keepdim=True, unbiased=False)  # (..., C, 1, 1)
+    flat = std < eps  # (..., C, 1, 1): nothing to normalise; rounding would leave tiny values
+    return torch.where(flat, torch.zeros_like(tiles), (tiles - mean) / std.clamp_min(eps))
 
 
 def tile_side(patch: int, patch_resize: int | None) -> int:
@@ -186,22 +215,42 @@ class TileTask(Task):
     A subclass cuts its tiles ``(B, T, C, p, p)`` and labels ``(B,)`` from the prepared images on the
     :meth:`grid` of their size, and hands them to :meth:`classify`.
 
-    Args: the tile options of :class:`~selfsup.pretext.relative_position.RelativePosition`.
+    Args: the tile options of :class:`~selfsup.pretext.relative_position.RelativePosition`, and
+        ``tile_norm``: normalise every channel of every tile to mean 0 and std 1 on its own
+        (:func:`normalize_tiles`, jigsaw's default).
     """
 
     def __init__(
         self, tiles_per_image: int, num_features: int, classes: int, *, patch_size: int | None,
         patch_gap: int | None, patch_resize: int | None, color_drop: float, head_hidden: int,
+        tile_norm: bool = False,
     ) -> None:
         super().__init__()
         check_tile_options(patch_size, patch_gap, patch_resize)
         self.patch_size, self.patch_gap, self.patch_resize = patch_size, patch_gap, patch_resize
+        self.tile_norm = bool(tile_norm)
         self.augment = PatchAugment(color_drop=color_drop, flip=0.0)
         self.head = concat_head(tiles_per_image * num_features, head_hidden, classes)
 
     def grid(self, x: torch.Tensor) -> TileGrid:
         """The tile grid of square images ``x`` with this task's options."""
         return TileGrid.for_image(square_side(x), self.patch_size, self.patch_gap)
+
+    def backbone_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """The tiles as the backbone sees them: resized, normalised one by one (``tile_norm``), colour-dropped.
+
+        Normalisation comes before colour dropping, so that a dropped channel stays faint noise.
+
+        Shape:
+            - Input: ``(B, T, C, p, p)`` -> Output: ``(B*T, C, p', p')``
+        """
+        side = tile_side(tiles.shape[-1], self.patch_resize)
+        flat = resize_tiles(tiles.flatten(0, 1), side)  # (B, T, C, p, p) -> (B*T, C, p', p')
+        if self.tile_norm:
+            flat = normalize_tiles(flat)
+        if self.training:
+            flat = self.augment(flat)
+        return flat
 
     def classify(self, tiles: torch.Tensor, labels: torch.Tensor, backbone) -> dict[str, torch.Tensor]:
         """Every tile through the backbone in one pass, their features concatenated per image, cross-entropy.
@@ -210,10 +259,6 @@ class TileTask(Task):
             - Input: tiles ``(B, T, C, p, p)``, labels ``(B,)``
         """
         b = tiles.shape[0]
-        side = tile_side(tiles.shape[-1], self.patch_resize)
-        flat = resize_tiles(tiles.flatten(0, 1), side)  # (B, T, C, p, p) -> (B*T, C, p', p')
-        if self.training:
-            flat = self.augment(flat)
-        logits = self.head(backbone(flat).view(b, -1))  # (B*T, D) -> (B, T*D), tile order kept
+        logits = self.head(backbone(self.backbone_tiles(tiles)).view(b, -1))  # (B*T, D) -> (B, T*D), tile order kept
         loss = F.cross_entropy(logits, labels)
         return {"loss": loss, f"{self.task_name}_acc": (logits.argmax(1) == labels).float().mean()}
