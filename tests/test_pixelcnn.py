@@ -89,14 +89,21 @@ def test_sampling_draws_the_discretised_mixture_exactly():
     assert (freq - exact).abs().max() < 3e-3 and freq[0] > 0 and freq[255] > 0  # the tails land in the edge bins
 
 
-def test_a_sampling_pass_on_the_rows_it_needs_gives_the_full_pass_conditionals():
+def test_sampling_s_incremental_passes_give_the_full_pass_conditionals():
+    """Per row, the vertical stack on the rows_seen rows above; per subpixel, the horizontal stack on the row's
+    columns up to the current one: the same parameters as one pass of the whole network over the image."""
     model = _tiny(layers=3)
     x = symmetric(torch.randint(0, 256, (2, 3, 9, 5), dtype=torch.uint8), torch.float64)
     with torch.no_grad():
         full = model.net(x)
         for r in range(9):
             top = max(0, r - model.net.rows_seen)
-            torch.testing.assert_close(model.net(x[:, :, top : r + 1])[:, :, -1], full[:, :, r], rtol=0, atol=1e-12)
+            window = x[:, :, top : r + 1].clone()
+            window[:, :, -1] = 7.0  # the row being sampled is not read by its context
+            context = model.net.row_context(window)
+            for c in range(5):
+                got = model.net.row_params(x[:, :, r : r + 1, : c + 1], [v[..., : c + 1] for v in context])
+                torch.testing.assert_close(got[:, :, 0, c], full[:, :, r, c], rtol=0, atol=1e-12)
     s = model.float().sample(3, (5, 4), seed=0)
     assert s.shape == (3, 3, 5, 4) and torch.equal(s, model.sample(3, (5, 4), seed=0))
     assert torch.equal(s * 255, (s * 255).round()) and s.min() >= 0 and s.max() <= 1
@@ -146,7 +153,7 @@ def test_cli_pretrains_with_bits_per_dim_samples_and_a_stage_exposing_export(tmp
         bpd = [float(row["val/bits_per_dim"]) for row in csv.DictReader(f) if row.get("val/bits_per_dim")]
     assert len(bpd) == 1 and 0 < bpd[0] < 8.5
     assert (run / "samples" / "epoch_000.png").stat().st_size > 100
-    assert "pixelcnn: 4 samples of 8x8 took" in r.stdout and "192 sequential network passes" in r.stdout
+    assert "pixelcnn: 4 samples of 8x8 took" in r.stdout and "192 sequential passes" in r.stdout
     enc = selfsup.load_encoder(run / "export")
     with torch.no_grad():
         assert enc(torch.rand(2, 3, 8, 8)).shape == (2, 12) and len(enc.forward_intermediates(torch.rand(1, 3, 8, 8))[1]) == 4

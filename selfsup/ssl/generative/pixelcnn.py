@@ -103,12 +103,20 @@ class GatedLayer(nn.Module):
         self.v_to_h = nn.Conv2d(2 * hidden, 2 * hidden, 1)  # the rows above may feed every colour
         self.h_out = MaskedConv2d(hidden, hidden, centre_mask(groups, groups, 1, strict=False))
 
-    def forward(self, v: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def vertical(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vertical stack's next features and its contribution to the horizontal stack (``2 * hidden``)."""
         rows = v.shape[-2]
         vc = self.v_conv(F.pad(v, self.v_pad))[..., :rows, :]  # the first layer's extra last row is the shift
-        hc = self.h_conv(F.pad(h, self.h_pad)) + self.v_to_h(vc)
-        out = self.h_out(gate(hc))
-        return gate(vc), out if self.first else h + out
+        return gate(vc), self.v_to_h(vc)
+
+    def horizontal(self, h: torch.Tensor, from_v: torch.Tensor) -> torch.Tensor:
+        """The horizontal stack's next features: each row is computed from that row alone (and ``from_v``)."""
+        out = self.h_out(gate(self.h_conv(F.pad(h, self.h_pad)) + from_v))
+        return out if self.first else h + out
+
+    def forward(self, v: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v, from_v = self.vertical(v)
+        return v, self.horizontal(h, from_v)
 
 
 class GatedPixelCNN(nn.Module):
@@ -146,8 +154,8 @@ class GatedPixelCNN(nn.Module):
             nn.ReLU(), MaskedConv2d(hidden, hidden, centre_mask(groups, groups, 1, strict=False)),
             nn.ReLU(), MaskedConv2d(hidden, out, centre_mask(groups, out_groups, 1, strict=False)),
         )
-        # first and last edge of the receptive field in rows: the first layer reads first_kernel // 2 rows
-        # above, every later one kernel // 2 more (what sampling may crop without changing a conditional)
+        # rows above a pixel that its conditionals read: the first layer first_kernel // 2, every later one
+        # kernel // 2 more (what sampling may crop without changing a conditional)
         self.rows_seen = first_kernel // 2 + (layers - 1) * (kernel // 2)
 
     @property
@@ -169,6 +177,33 @@ class GatedPixelCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_intermediates(x)[0])
+
+    def row_context(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """What every layer's vertical stack gives the horizontal one in the last row of ``x`` (sampling's cache).
+
+        The last row's own pixels are not read, so it may hold anything; ``x`` needs only the
+        ``rows_seen`` rows above it for the exact values.
+
+        Shape:
+            - Input: ``(B, 3, rows, W)`` -> Output: ``layers`` maps ``(B, 2 * hidden, 1, W)``
+        """
+        v, out = x, []
+        for layer in self.layers:
+            v, from_v = layer.vertical(v)
+            out.append(from_v[..., -1:, :])
+        return out
+
+    def row_params(self, x: torch.Tensor, context: list[torch.Tensor]) -> torch.Tensor:
+        """Mixture parameters of one row from that row's pixels and its :meth:`row_context` (columns may be cut
+        at any ``c``: column ``c`` reads only columns ``<= c``).
+
+        Shape:
+            - Input: ``(B, 3, 1, w)`` and ``layers`` maps ``(B, 2 * hidden, 1, w)`` -> Output: ``(B, 9K, 1, w)``
+        """
+        h = x
+        for layer, from_v in zip(self.layers, context, strict=True):
+            h = layer.horizontal(h, from_v)
+        return self.head(h)
 
 
 def symmetric(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -235,8 +270,8 @@ class PixelCNN(SSLModule):
 
     Trained by exact maximum likelihood; loss and ``val/bits_per_dim`` (held-out split, every epoch) in
     bits per subpixel. Each training epoch writes ``num_samples`` images drawn subpixel by subpixel to
-    ``<run>/samples/epoch_XXX.png`` (``3 * H * W`` network passes: the time is printed). Training
-    augmentation is horizontal flips only (a crop would interpolate pixels).
+    ``<run>/samples/epoch_XXX.png`` (``3 * H * W`` sequential passes of the horizontal stack; the time
+    is printed). Training augmentation is horizontal flips only (a crop would interpolate pixels).
 
     A PixelCNN has no trunk: its encoder is the network, sized by ``layers``, ``hidden`` and ``kernel``;
     features are one layer's horizontal stack averaged over space, and the export exposes every layer.
@@ -340,10 +375,11 @@ class PixelCNN(SSLModule):
 
     @torch.no_grad()
     def sample(self, n: int, size: tuple[int, int], seed: int | None = None) -> torch.Tensor:
-        """``n`` images drawn exactly from the model, one subpixel at a time (``3 * H * W`` network passes).
+        """``n`` images drawn exactly from the model, one subpixel at a time (``3 * H * W`` sequential passes).
 
-        Each pass sees only the rows the next conditional depends on (the receptive field above, the
-        current row), so it costs at most ``rows_seen + 1`` rows of the network.
+        Per row, the vertical stack runs once on the rows the row's conditionals depend on (``rows_seen``
+        above it); per subpixel, only the horizontal stack and the head run, on that row's columns up to
+        the current one. Every conditional is the full network's (tested).
 
         Shape:
             - Output: ``(n, 3, H, W)`` in [0, 1]
@@ -351,15 +387,17 @@ class PixelCNN(SSLModule):
         gen = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         h, w = size
         k = self.hparams.logistic_components
-        values = torch.zeros(n, COLOURS, h, w, dtype=torch.long, device=self.device)
+        values = torch.zeros(n, COLOURS, h, w, dtype=torch.uint8, device=self.device)
         for r in range(h):
             top = max(0, r - self.net.rows_seen)
+            context = self.net.row_context(symmetric(values[:, :, top : r + 1], self.dtype))  # (n, 2h, 1, W) each
             for c in range(w):
+                cut = [v[..., : c + 1] for v in context]
                 for ch in range(COLOURS):
-                    window = values[:, :, top : r + 1]  # (n, 3, rows, W): the conditional's whole context
-                    params = self.net(symmetric(window.to(torch.uint8), self.dtype))[:, :, -1, c]  # (n, 9K)
+                    row = symmetric(values[:, :, r : r + 1, : c + 1], self.dtype)  # (n, 3, 1, c+1)
+                    params = self.net.row_params(row, cut)[:, :, 0, c]  # (n, 9K)
                     mix = params.view(n, COLOURS, 3, k)[:, ch]  # (n, 9K) -> (n, 3, 3, K) -> (n, 3, K)
-                    values[:, ch, r, c] = sample_logistic_mixture(mix, gen)
+                    values[:, ch, r, c] = sample_logistic_mixture(mix, gen).to(torch.uint8)
         return values.float() / 255
 
     def on_train_epoch_end(self) -> None:
@@ -373,5 +411,5 @@ class PixelCNN(SSLModule):
         if not self._announced:
             h, w = self._side
             print(f"pixelcnn: {len(images)} samples of {h}x{w} took {seconds:.1f} s ({COLOURS * h * w} sequential "
-                  f"network passes); a grid every epoch in {path.parent}")
+                  f"passes); a grid every epoch in {path.parent}")
             self._announced = True
