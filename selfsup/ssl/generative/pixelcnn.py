@@ -298,8 +298,8 @@ class PixelCNN(SSLModule):
     def __init__(
         self,
         *,
-        layers: int = 12,
-        hidden: int = 96,
+        layers: int = 8,
+        hidden: int = 64,
         kernel: int = 3,
         first_kernel: int = 7,
         logistic_components: int = 5,
