@@ -384,6 +384,15 @@ class PixelCNN(SSLModule):
         Shape:
             - Output: ``(n, 3, H, W)`` in [0, 1]
         """
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":  # thousands of tiny ops: intra-op threads only add waits at their barriers
+            torch.set_num_threads(1)
+        try:
+            return self._sample(n, size, seed)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _sample(self, n: int, size: tuple[int, int], seed: int | None) -> torch.Tensor:
         gen = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         h, w = size
         k = self.hparams.logistic_components
