@@ -130,6 +130,13 @@ def test_the_encoder_exposes_every_layer_and_pools_the_middle_one():
         # the spine's reader of every stage (DCGAN's all-layers probe) takes it as it takes a backbone
         allstages = StageFeatureEncoder(enc.backbone, enc.normalize)
         assert allstages(x).shape == (2, 16 * 45) == (2, allstages.num_features)
+        # the layer-wise probe's reader (selfsup.eval.layers) sees every layer by name, then the pooled output
+        from selfsup.eval.layers import read_stages
+
+        named = read_stages(enc, x)
+        assert list(named) == [*enc.stage_names, "out"]
+        torch.testing.assert_close(named["layer4"], stages[3])
+        torch.testing.assert_close(named["out"], enc(x))
         # online-probe features in the loss are the exported encoder's
         feats = model.loss((torch.rand(2, 3, 8, 8), None))["features"]
         assert feats.shape == (2, 9)

@@ -246,6 +246,13 @@ class PixelCNNEncoder(nn.Module):
         _, stages = self.backbone.forward_intermediates(self.normalize(x), stop=self.layer + 1)
         return stages[self.layer].mean(dim=(2, 3))  # (B, hidden, H, W) -> (B, hidden)
 
+    def forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every layer's map of one pass by name, then ``"out"`` (what :meth:`forward` gives): the stage
+        interface of layer-wise evaluation (:mod:`selfsup.eval.layers`), so ``--layers all`` probes each
+        layer and ``--layers best`` picks one on held-out labels (iGPT found the middle ones best)."""
+        _, stages = self.forward_intermediates(x)
+        return {**dict(zip(self.stage_names, stages, strict=True)), "out": stages[self.layer].mean(dim=(2, 3))}
+
 
 def sample_logistic_mixture(params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One exact draw of 8-bit values from discretised logistic mixtures: a component, a logistic, its bin.
