@@ -261,7 +261,8 @@ def extract_features(
         by layer name, in stage order.
 
     >>> enc = selfsup.load_encoder("runs/my-run")  # doctest: +SKIP
-    >>> feats = selfsup.extract_features(enc, enc.config["data"]["data"], layers="all")  # doctest: +SKIP
+    >>> run_data = enc.config.get("data", {}).get("data")  # the run's own data  # doctest: +SKIP
+    >>> feats = selfsup.extract_features(enc, run_data, layers="all")  # doctest: +SKIP
     >>> {name: f.x.shape for name, f in feats.items()}  # doctest: +SKIP
     """
     if dtype not in _DTYPES:

@@ -656,10 +656,10 @@ def sweep(
         extra.append((src.name, trainer_for(lambda: src.encoder, 0.1)))
     if supervised:
         extra.append((SUPERVISED, trainer_for(src.random_twin, 1.0)))
-    for name, fn in extra:
-        res = label_efficiency_sweep({name: encoders[next(iter(encoders))]}, methods=["finetune"], finetune_fn=fn,
+    for who, fn in extra:  # not `name`: that is the result files' name
+        res = label_efficiency_sweep({who: encoders[next(iter(encoders))]}, methods=["finetune"], finetune_fn=fn,
                                      **common)
-        result["results"].setdefault(name, {}).update(res["results"][name])
+        result["results"].setdefault(who, {}).update(res["results"][who])
         if "finetune" not in result["methods"]:
             result["methods"].append("finetune")
     result["features"] = {name: feature_provenance(pair) for name, pair in pairs.items()}
