@@ -340,15 +340,21 @@ def build_view_parsers(sub) -> None:
     p = sub.add_parser("plot", help="write one picture of a run as a PNG",
                        description="retrieval: test images and their nearest training images in feature space, "
                        "wrong-class neighbours framed red; embedding: a 2-D map of test features coloured by class "
-                       "(PCA, or t-SNE with --tsne); curves: training curves from metrics.csv.")
+                       "(PCA, or t-SNE with --tsne); curves: training curves from metrics.csv; augmentations: what the "
+                       "run's method trains on, a row per training image (the loaded view, then every input its "
+                       "network reads: rotations, tiles, patch grids, lightness, ...).")
     p.add_argument("run", metavar="RUN", help="a run directory (runs/<name>)")
-    p.add_argument("kind", choices=["retrieval", "embedding", "curves"], help="which picture")
+    p.add_argument("kind", choices=["retrieval", "embedding", "curves", "augmentations"], help="which picture")
     p.add_argument("-o", "--output", help="PNG path (.png is added when it has no suffix), or a folder (existing, "
                    "or ending in /) to write <kind>.png in; folders are created (default: RUN/eval/<kind>.png)")
     p.add_argument("--data", help="dataset spec (default: the run's training data)")
     p.add_argument("--tsne", action="store_true", help="embedding: t-SNE instead of PCA (slower)")
     p.add_argument("--queries", type=_positive, default=8, help="retrieval: query images (default: 8)")
     p.add_argument("--k", type=_positive, default=8, help="retrieval: neighbours per query (default: 8)")
+    p.add_argument("--images", type=_positive, default=6, help="augmentations: training images, one row each "
+                   "(default: 6)")
+    p.add_argument("--seed", type=int, default=0, help="augmentations: which images and which random views "
+                   "(default: 0)")
 
 
 def _positive(text: str) -> int:
@@ -398,6 +404,11 @@ def _run_view(args: argparse.Namespace) -> None:
     out = output_file(args.output, run / "eval" / f"{args.kind}.png", f"{args.kind}.png")
     if args.kind == "curves":
         fig = viz.training_curves(run / "metrics.csv", title=run.name)
+    elif args.kind == "augmentations":
+        from selfsup.eval.views import run_views, views_figure
+
+        items, classes, method = run_views(run, count=args.images, seed=args.seed, data=args.data)
+        fig = views_figure(items, classes, title=f"{run.name}: what {method} trains on")
     else:
         src = harness.resolve_source(str(run))
         ev = harness.prepare(src, data=args.data, baselines=False)
