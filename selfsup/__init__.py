@@ -9,11 +9,17 @@ names below import torch, Lightning and the methods on first use, so ``selfsup -
 
 import importlib
 import warnings
+from typing import TYPE_CHECKING
 
 # Lightning imports tqdm.auto, which warns in a notebook without ipywidgets; selfsup draws rich's bars.
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # for type checkers and the API docs; at run time __getattr__ imports these on first use
+    from selfsup.eval.features import extract_features
+    from selfsup.ssl.backbone import BACKBONES, Backbone
+    from selfsup.ssl.module import METHODS, SSLModule, load_encoder
 
 _LAZY = {  # public name -> the module defining it (importing selfsup.ssl registers every built-in method)
     "BACKBONES": "selfsup.ssl.backbone",
