@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -43,10 +44,11 @@ REFERENCE = "import torch"
 
 
 def timed(argv: list[str], tree: Path, expected: int) -> float:
-    """Seconds ``python ARGV`` takes with ``tree`` first on PYTHONPATH; raises if it exits otherwise than ``expected``."""
+    """Seconds ``python ARGV`` takes run in ``tree`` (``-m`` puts the working directory first on sys.path); raises if
+    it exits otherwise than ``expected``."""
     env = {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "100"}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, *argv], cwd=tree, env=env, capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - start
     if done.returncode != expected:
         raise SystemExit(f"python {' '.join(argv)} (PYTHONPATH={tree}) exited {done.returncode}, expected "
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds (default: 9)")
     ap.add_argument("--before", type=Path, help="another checkout (e.g. the main branch) whose CLI is timed too")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cli_speed.json")
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     trees = {"": ROOT, **({"before: ": args.before.resolve()} if args.before else {})}
     cases = {}  # label -> (argv, tree, expected)
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(r["command"], f"{r['median_s']:.2f}", f"{r['ratio_to_import_torch']:.2f}", ok)
     Console().print(table)
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join(["python", "benchmarks/cli_speed.py", *argv]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "torch": metadata.version("torch"),
                     "loadavg_before": load_before, "loadavg_after": load_after},

@@ -168,3 +168,22 @@ def test_a_method_registered_at_run_time_gets_its_options(monkeypatch):
     pretrain = next(a for a in cli.build_parser("spinning")._actions if hasattr(a, "choices") and a.choices)
     text = pretrain.choices["pretrain"].format_help()
     assert "spinning options" in text and "--spin INT" in text and "turns per image. (default: 2)" in text
+
+
+@pytest.mark.slow
+def test_cli_speed_benchmark_writes_its_table(tmp_path, monkeypatch):
+    import statistics
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import cli_speed
+
+    out = tmp_path / "cli_speed.json"
+    assert cli_speed.main(["--rounds", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["command"]: r for r in result["rows"]}
+    assert set(rows) == set(cli_speed.COMMANDS)
+    assert rows["import torch"]["ratios"] == [1.0, 1.0]
+    for row in rows.values():
+        assert row["ratio_to_import_torch"] == statistics.median(row["ratios"]) and len(row["seconds"]) == 2
+        assert row["within_goal"] is (None if not row["command"].startswith("selfsup") else True)
+    assert result["machine"]["loadavg_before"] and "cli_speed.py" in result["command"]
