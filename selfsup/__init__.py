@@ -2,24 +2,51 @@
 
 >>> import selfsup
 >>> enc = selfsup.load_encoder("runs/rotation/export")  # doctest: +SKIP
+
+Importing the package imports nothing heavy: ``selfsup.METHODS``, ``selfsup.load_encoder`` and the other
+names below import torch, Lightning and the methods on first use, so ``selfsup --help`` answers at once.
 """
 
+import importlib
 import warnings
+from typing import TYPE_CHECKING
 
 # Lightning imports tqdm.auto, which warns in a notebook without ipywidgets; selfsup draws rich's bars.
 warnings.filterwarnings("ignore", message="IProgress not found")
 
-# Importing the method modules registers them in METHODS.
-from selfsup import pretext as _pretext  # noqa: E402,F401
-from selfsup.eval.features import extract_features  # noqa: E402
-from selfsup.ssl.backbone import BACKBONES, Backbone  # noqa: E402
-from selfsup.ssl.module import METHODS, SSLModule, load_encoder  # noqa: E402
-
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # for type checkers and the API docs; at run time __getattr__ imports these on first use
+    from selfsup.eval.features import extract_features
+    from selfsup.ssl.backbone import BACKBONES, Backbone
+    from selfsup.ssl.module import METHODS, SSLModule, load_encoder
+
+_LAZY = {  # public name -> the module defining it (importing selfsup.ssl registers every built-in method)
+    "BACKBONES": "selfsup.ssl.backbone",
+    "Backbone": "selfsup.ssl.backbone",
+    "METHODS": "selfsup.ssl.module",
+    "SSLModule": "selfsup.ssl.module",
+    "load_encoder": "selfsup.ssl.module",
+    "extract_features": "selfsup.eval.features",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # once: later lookups skip this function
+        return value
+    raise AttributeError(f"module 'selfsup' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 def list_methods() -> list[str]:
     """Names of the registered methods (what ``selfsup pretrain --method`` takes)."""
+    from selfsup.ssl.module import METHODS
+
     return sorted(METHODS)
 
 
@@ -28,6 +55,8 @@ def list_backbones(timm_filter: str | None = None) -> list[str]:
 
     Any timm model name works as a backbone (built with ``pretrained=False``; nothing is downloaded).
     """
+    from selfsup.ssl.backbone import BACKBONES
+
     names = sorted(BACKBONES)
     if timm_filter is not None:
         import timm

@@ -6,9 +6,7 @@ Errors from bad input or options are printed as one line (``selfsup: error: ...`
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
-import re
 import sys
 import typing
 from pathlib import Path
@@ -100,41 +98,17 @@ def _arg_type(annotation):
     return optional
 
 
-def _arg_docs(cls) -> dict[str, str]:
-    """Argument descriptions from the Google-style ``Args:`` sections of ``cls`` and its bases."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        lines = (inspect.getdoc(klass) or "").splitlines() if "__doc__" in vars(klass) else []
-        if "Args:" not in lines:
-            continue
-        entries: list[tuple[list[str], str]] = []
-        for line in lines[lines.index("Args:") + 1 :]:
-            if line and not line.startswith(" "):
-                break
-            m = re.match(r"^    (\w[\w, ]*):\s*(.*)$", line)
-            if m:
-                entries.append(([n.strip() for n in m.group(1).split(",")], m.group(2)))
-            elif entries and line.strip():
-                entries[-1] = (entries[-1][0], f"{entries[-1][1]} {line.strip()}".strip())
-        for names, text in entries:
-            if not text.startswith("see "):  # "lr, ...: see SSLModule" keeps the base's words
-                text = re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"\1", text.replace("``", ""))
-                docs.update(dict.fromkeys(names, text))
-    return docs
-
-
 def add_method_arguments(parser: argparse.ArgumentParser, method: str) -> None:
-    from selfsup.ssl.module import METHODS
-    from selfsup.train import method_arguments
+    """``method``'s own options group, from its declarations (:mod:`selfsup.methods_spec`; nothing heavy imported)."""
+    from selfsup.methods_spec import method_spec
 
-    docs = _arg_docs(METHODS[method])
     group = parser.add_argument_group(f"{method} options (see --method for others)")
-    for name, p in method_arguments(method).items():
+    for name, spec in method_spec(method).items():
         if name in DATA_FLAGS:  # e.g. CPC's image_size follows the data's --image-size
             continue
-        typ = _arg_type(p.annotation)
-        text = docs.get(name, "").replace("%", "%%")
-        kw = {"default": argparse.SUPPRESS, "help": f"{text} (default: {p.default!r})".strip()}
+        typ = _arg_type(spec.annotation)
+        text = spec.help.replace("%", "%%")
+        kw = {"default": argparse.SUPPRESS, "help": f"{text} (default: {spec.default!r})".strip()}
         if typ is bool:
             group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **kw)
         else:
@@ -150,7 +124,7 @@ def _with_default(text: str, default) -> str:
 
 
 def build_pretrain_parser(sub, method: str) -> argparse.ArgumentParser:
-    from selfsup.ssl.module import METHODS
+    from selfsup.methods_spec import method_names
 
     p = sub.add_parser(
         "pretrain", help="pretrain an encoder without labels",
@@ -159,7 +133,7 @@ def build_pretrain_parser(sub, method: str) -> argparse.ArgumentParser:
         "The defaults shown are used when neither the flag nor a --config file sets the value.",
     )
     p.add_argument("--method", default="rotation",
-                   help=f"method to pretrain: {', '.join(sorted(METHODS))} (default: rotation)")
+                   help=f"method to pretrain: {', '.join(method_names())} (default: rotation)")
     p.add_argument("--config", help="a config.yaml to start from (a previous run's reruns it); flags override it")
     p.add_argument("--output", default=argparse.SUPPRESS, help="parent folder of run directories (default: runs)")
     p.add_argument("--name", default=argparse.SUPPRESS, help="run name (default: <method>-<backbone>, numbered if taken)")
@@ -194,7 +168,7 @@ def build_pretrain_parser(sub, method: str) -> argparse.ArgumentParser:
 
 
 def build_demo_parser(sub) -> argparse.ArgumentParser:
-    from selfsup.demo import EPOCHS, KS, SEEDS
+    from selfsup.demo import EPOCHS, KS, SEEDS  # the demo's constants: torch is imported only when it runs
 
     budgets = ", ".join("all" if k is None else str(k) for k in KS)
     p = sub.add_parser(
@@ -486,12 +460,32 @@ def check_devices(accelerator: str = "auto", device: str = "auto") -> None:
                           "(use --accelerator cpu or auto)")
 
 
+def check_eval_arguments(args: argparse.Namespace) -> None:
+    """The one-line errors of features, probe, knn, sweep, report and plot that need no torch, before it is imported."""
+    from selfsup.errors import ConfigError
+    from selfsup.runs import check_encoder_source, finished_run_dir
+
+    if args.command == "report":
+        for run in args.runs:
+            finished_run_dir(run)
+        return
+    if args.command == "plot":
+        finished_run_dir(args.run)
+        return
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output} is a file; --output takes the results directory (the JSON "
+                          "files, and a sweep's PNG, are written into it)")
+    if args.layers is not None and args.layers.strip() == "best" and args.command != "sweep":
+        raise ConfigError(f"--layers best is chosen by a probe for the sweep; `selfsup {args.command}` takes all, last, "
+                          "stage indices or names (use --layers all to see every layer and the best marked)")
+    check_encoder_source(args.source, args.random_init)
+
+
 def _run_eval(args: argparse.Namespace) -> None:
     import time
 
     import torch
 
-    from selfsup.errors import ConfigError
     from selfsup.eval import harness
 
     started = time.perf_counter()
@@ -503,17 +497,11 @@ def _run_eval(args: argparse.Namespace) -> None:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and fabric is not None:
         device = f"cuda:{fabric.local_rank}"
-    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
-        raise ConfigError(f"--output {args.output} is a file; --output takes the results directory (the JSON "
-                          "files, and a sweep's PNG, are written into it)")
     src = harness.resolve_source(args.source, args.random_init, args.output)
     trainer_kwargs = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes,
                       "strategy": args.strategy}
     layers = args.layers
     best = layers is not None and layers.strip() == "best"
-    if best and args.command != "sweep":
-        raise ConfigError(f"--layers best is chosen by a probe for the sweep; `selfsup {args.command}` takes all, last, "
-                          "stage indices or names (use --layers all to see every layer and the best marked)")
     dtype = args.dtype or ("float16" if layers is not None else "float32")
     ev = harness.prepare(src, args.data, args.image_size, baselines=args.baselines, dtype=dtype,
                          batch_size=args.batch_size, trainer_kwargs=trainer_kwargs, skip_bad=args.skip_bad,
@@ -569,7 +557,8 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 
 def _pretrain_config(args: argparse.Namespace) -> tuple[dict, bool]:
-    from selfsup.train import load_config, method_arguments
+    from selfsup.config import load_config
+    from selfsup.methods_spec import method_arguments
 
     given = vars(args)
     cfg: dict = load_config(given["config"]) if given.get("config") else {}
@@ -598,9 +587,13 @@ def _pretrain_config(args: argparse.Namespace) -> tuple[dict, bool]:
 def _dispatch(args: argparse.Namespace) -> None:
     """Run the parsed command."""
     if args.command == "pretrain":
+        cfg, resume = _pretrain_config(args)
+        if not resume:  # every value checked before torch and Lightning are imported (a resume needs the run's)
+            from selfsup.config import default_config, merge_config, validate_config
+
+            validate_config(merge_config(default_config(cfg["method"]), cfg))
         from selfsup.train import pretrain
 
-        cfg, resume = _pretrain_config(args)
         result = pretrain(cfg, resume=resume)
         samples = result.run_dir / "samples"
         shown = f", samples in {samples}" if samples.is_dir() else ""
@@ -611,6 +604,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         else:
             print(f"run written to {result.run_dir} (encoder in {result.run_dir / 'export'}{shown})")
     elif args.command in ("features", "probe", "knn", "sweep", "report", "plot"):
+        check_eval_arguments(args)
         (_run_view if args.command in ("report", "plot") else _run_eval)(args)
     elif args.command == "demo":
         from selfsup.demo import run_demo
@@ -640,22 +634,22 @@ def main(argv: list[str] | None = None) -> int:
     method = known.method
     try:
         if known.config and "--method" not in argv:
-            from selfsup.train import load_config
+            from selfsup.config import load_config
 
             method = load_config(known.config).get("method", method)
-        import selfsup  # noqa: F401  (registers the methods)
-        from selfsup.ssl.module import METHODS
+        from selfsup.methods_spec import method_names
 
-        if argv[:1] == ["pretrain"] and (not isinstance(method, str) or method not in METHODS):
+        methods = method_names()  # from declarations: nothing heavy is imported to parse or to refuse
+        if argv[:1] == ["pretrain"] and (not isinstance(method, str) or method not in methods):
             from selfsup.config import unknown_name_message
 
             where = f"{known.config}: " if known.config and "--method" not in argv else ""
-            raise SelfsupError(where + unknown_name_message("method", method, METHODS))
+            raise SelfsupError(where + unknown_name_message("method", method, methods))
     except SelfsupError as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
 
-    parser = build_parser(method if isinstance(method, str) and method in METHODS else "rotation")
+    parser = build_parser(method if isinstance(method, str) and method in methods else "rotation")
     args = parser.parse_args(argv)
     args.method_given = any(a == "--method" or a.startswith("--method=") for a in argv)
     from selfsup.quiet import one_line_warnings

@@ -61,6 +61,16 @@ DATA_DEFAULTS: dict = {
     "crop_pct": 0.875,
     "decode": "loader",
 }
+DATA_TYPES: dict[str, str] = {  # SelfSupDataModule's annotations of the DATA_DEFAULTS keys
+    "data": "str",
+    "batch_size": "int",
+    "num_workers": "int | None",
+    "image_size": "int | None",
+    "cache_dir": "str | None",
+    "skip_bad": "bool",
+    "crop_pct": "float",
+    "decode": "str",
+}
 KEEP_CHECKPOINTS = 2
 """Numbered checkpoints a run keeps besides ``last.ckpt`` (the newest; one more in case it is damaged)."""
 TOP_LEVEL_TYPES: dict[str, str] = {
@@ -85,7 +95,7 @@ _MIN_VALUES = {  # smallest valid value of integer settings (-1: "no limit" wher
 
 def default_config(method: str = "rotation") -> dict:
     """A complete config with every default filled in."""
-    from selfsup.train import method_arguments
+    from selfsup.methods_spec import method_arguments
 
     return {
         "method": method,
@@ -321,11 +331,18 @@ def check_value(value: Any, annotation: Any, where: str, source: str = "") -> An
 
 
 def data_arguments() -> dict[str, inspect.Parameter]:
-    """The config's ``data`` keys: :class:`SelfSupDataModule`'s constructor arguments."""
+    """The config's ``data`` keys: :class:`SelfSupDataModule`'s constructor arguments.
+
+    Read from :data:`DATA_TYPES` (so checking a config imports no torch); a key it lacks is read from the
+    class itself (``tests/test_cli_lazy.py`` checks the two agree).
+    """
+    if all(k in DATA_TYPES for k in DATA_DEFAULTS):
+        return {k: inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=DATA_DEFAULTS[k], annotation=DATA_TYPES[k])
+                for k in DATA_DEFAULTS}
     from selfsup.data.datamodule import SelfSupDataModule
 
     params = inspect.signature(SelfSupDataModule.__init__).parameters
-    return {k: p for k, p in params.items() if k in DATA_DEFAULTS}
+    return {k: params[k] for k in DATA_DEFAULTS if k in params}
 
 
 def validate_config(cfg: dict, source: str = "") -> dict:
@@ -337,8 +354,7 @@ def validate_config(cfg: dict, source: str = "") -> dict:
     Raises:
         ConfigError: an unknown method or key, or a value of the wrong type or out of range.
     """
-    from selfsup.ssl.module import METHODS
-    from selfsup.train import method_arguments
+    from selfsup.methods_spec import method_arguments, method_names
 
     prefix = f"{source}: " if source else ""
     for k in cfg:
@@ -351,8 +367,8 @@ def validate_config(cfg: dict, source: str = "") -> dict:
     if out.get("name") is not None:
         check_run_name(out["name"], prefix + "name")
     method = out.get("method")
-    if method not in METHODS:
-        raise ConfigError(prefix + unknown_name_message("method", method, METHODS))
+    if method not in method_names():
+        raise ConfigError(prefix + unknown_name_message("method", method, method_names()))
     sections = {
         "model": method_arguments(method),
         "data": data_arguments(),

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytorch_lightning as pl
-from rich.table import Table
-from torch import nn
+if TYPE_CHECKING:  # torch and Lightning are imported when the demo runs, not when `selfsup --help` reads EPOCHS
+    from torch import nn
 
-from selfsup.data.datamodule import SelfSupDataModule
-from selfsup.eval import harness
-from selfsup.eval.online import FrozenEncoder, OnlineLinearProbe
-from selfsup.eval.report import make_console
-from selfsup.quiet import quiet_lightning
-from selfsup.train import pretrain
+    from selfsup.data.datamodule import SelfSupDataModule
 
 
 def probe_frozen(encoder: nn.Module, dm: SelfSupDataModule, epochs: int, seed: int = 0) -> tuple[float, float]:
     """Top-1/top-5 (%) of the online probe trained for ``epochs`` on a frozen encoder's features."""
+    import pytorch_lightning as pl
+
+    from selfsup.eval.online import FrozenEncoder, OnlineLinearProbe
+    from selfsup.quiet import quiet_lightning
+
     pl.seed_everything(seed, verbose=False)
     probe = OnlineLinearProbe(dm.num_classes, seed=seed)
     with quiet_lightning():
@@ -57,6 +57,12 @@ def run_demo(
     ks: tuple = KS,
 ) -> dict:
     """Pretrain rotation on digits; print the comparison table and the sweep; return the numbers."""
+    from rich.table import Table
+
+    from selfsup.eval import harness
+    from selfsup.eval.report import make_console
+    from selfsup.train import pretrain
+
     console = make_console()
     console.print(f"[bold]selfsup demo[/]: rotation pretraining of {backbone} on the embedded digits ({epochs} epochs)")
     config = {

@@ -284,3 +284,88 @@ def merge_metrics(run_dir: Path, resumed_step: int | None = None) -> None:
     os.replace(tmp, new)
     for p in parts:
         p.unlink()
+
+
+def _runs_in(folder: Path) -> list[str]:
+    """Names of the run directories (with export/ or checkpoints/) in ``folder``."""
+    try:
+        return sorted(p.name for p in folder.iterdir()
+                      if p.is_dir() and ((p / "export" / "config.json").is_file() or (p / "checkpoints").is_dir()))
+    except OSError:
+        return []
+
+
+def _listing(names: list[str], most: int = 8) -> str:
+    """``a, b, c`` or ``a, ..., h and 4 more``."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def not_an_encoder_message(path: Path, what: str = "a run directory (runs/<name>), its export/ or a .ckpt file") -> str:
+    """Why ``path`` is no encoder, specifically: missing (with the nearest runs beside it, or where runs
+    live), a run without an export (with its newest checkpoint), or a folder or file of another kind."""
+    import difflib
+
+    if not path.exists():
+        folder = path.parent if str(path.parent) not in ("", ".") else Path("runs")
+        if not folder.is_dir() and str(path.parent) in ("", "."):
+            folder = Path(".")
+        names = _runs_in(folder) if folder.is_dir() else []
+        close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+        if close:
+            hint = "did you mean " + " or ".join(str(folder / c) for c in close) + "?"
+        elif names:
+            hint = f"the runs in {folder}/ are: {_listing(names)}"
+        elif folder.is_dir():
+            hint = (f"{folder.resolve()} holds no run (selfsup pretrain writes runs/<name>/; pass {what})")
+        else:
+            hint = f"{folder} does not exist either (selfsup pretrain writes runs/<name>/; pass {what})"
+        return f"{path} does not exist: {hint}"
+    if path.is_dir():
+        ckpts = sorted((path / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime) \
+            if (path / "checkpoints").is_dir() else []
+        inside = _runs_in(path)
+        if inside:
+            return f"{path} is a folder of runs ({_listing(inside)}): pass one of them, e.g. {path / inside[0]}"
+        if ckpts:
+            return (f"{path} is a run without an exported encoder (no export/config.json: its pretraining has not "
+                    f"finished); evaluate a checkpoint instead, e.g. {ckpts[-1]}")
+        return (f"{path} is neither a run directory (no export/config.json) nor an export directory (no config.json); "
+                f"pass {what}")
+    return f"{path} is a file, not {what}"
+
+
+def finished_run_dir(path: str | Path) -> Path:
+    """The run directory ``path`` names (itself, or the parent of its ``export/``) when the run has an export.
+
+    Raises:
+        ConfigError: ``path`` is a checkpoint, missing, or no finished run; one line saying which, and what to pass.
+    """
+    p = Path(path)
+    if (p / "export" / "config.json").is_file():
+        return p
+    if (p / "config.json").is_file() and p.name == "export":
+        return p.parent
+    if p.is_file() and p.suffix == ".ckpt":
+        run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        raise ConfigError(f"{p} is a checkpoint, and this command takes a run directory: pass {run} (once its "
+                          "pretraining has written export/), or evaluate the checkpoint with selfsup probe, knn or sweep")
+    raise ConfigError(not_an_encoder_message(p, "a run directory (runs/<name>) of a finished run"))
+
+
+def check_encoder_source(source: str | None, random_init: str | None = None) -> None:
+    """The checks of :func:`selfsup.eval.harness.resolve_source` that need no torch: exactly one of a path and
+    ``--random-init``, and a path that holds an encoder (a run or export directory, or a ``.ckpt`` file).
+
+    Raises:
+        ConfigError: one line saying what is wrong and what to pass.
+    """
+    if (source is None) == (random_init is None):
+        raise ConfigError("give either a run or export directory (or a .ckpt file), or --random-init BACKBONE")
+    if source is None:
+        return
+    path = Path(source)
+    if path.is_file() and path.suffix == ".ckpt":
+        return
+    export = path / "export" if (path / "export" / "config.json").is_file() else path
+    if not (export / "config.json").is_file():
+        raise ConfigError(not_an_encoder_message(path))

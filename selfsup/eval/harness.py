@@ -24,6 +24,7 @@ from selfsup.data.datasets import load_dataset
 from selfsup.errors import ConfigError, SelfsupError
 from selfsup.eval.features import Features, data_fingerprint, extract_features, sample_keys
 from selfsup.eval.shard import Shard
+from selfsup.runs import not_an_encoder_message  # noqa: F401  (re-exported: it lived here first)
 from selfsup.ssl.backbone import Backbone
 from selfsup.ssl.module import METHODS, ImageEncoder, load_encoder
 
@@ -157,54 +158,6 @@ def _checkpoint_source(path: Path, output: str | None) -> EncoderSource:
     return EncoderSource(name, encoder, results, data_cfg.get("data"), data_cfg.get("image_size"), twin, config,
                          str(path.resolve()), skip_bad=bool(data_cfg.get("skip_bad")) or run_skip_bad(run_dir),
                          cache_dir=run_dir / "features", output_given=output is not None)
-
-
-def _runs_in(folder: Path) -> list[str]:
-    """Names of the run directories (with export/ or checkpoints/) in ``folder``."""
-    try:
-        return sorted(p.name for p in folder.iterdir()
-                      if p.is_dir() and ((p / "export" / "config.json").is_file() or (p / "checkpoints").is_dir()))
-    except OSError:
-        return []
-
-
-def _listing(names: list[str], most: int = 8) -> str:
-    """``a, b, c`` or ``a, ..., h and 4 more``."""
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def not_an_encoder_message(path: Path, what: str = "a run directory (runs/<name>), its export/ or a .ckpt file") -> str:
-    """Why ``path`` is no encoder, specifically: missing (with the nearest runs beside it, or where runs
-    live), a run without an export (with its newest checkpoint), or a folder or file of another kind."""
-    import difflib
-
-    if not path.exists():
-        folder = path.parent if str(path.parent) not in ("", ".") else Path("runs")
-        if not folder.is_dir() and str(path.parent) in ("", "."):
-            folder = Path(".")
-        names = _runs_in(folder) if folder.is_dir() else []
-        close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
-        if close:
-            hint = "did you mean " + " or ".join(str(folder / c) for c in close) + "?"
-        elif names:
-            hint = f"the runs in {folder}/ are: {_listing(names)}"
-        elif folder.is_dir():
-            hint = (f"{folder.resolve()} holds no run (selfsup pretrain writes runs/<name>/; pass {what})")
-        else:
-            hint = f"{folder} does not exist either (selfsup pretrain writes runs/<name>/; pass {what})"
-        return f"{path} does not exist: {hint}"
-    if path.is_dir():
-        ckpts = sorted((path / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime) \
-            if (path / "checkpoints").is_dir() else []
-        inside = _runs_in(path)
-        if inside:
-            return f"{path} is a folder of runs ({_listing(inside)}): pass one of them, e.g. {path / inside[0]}"
-        if ckpts:
-            return (f"{path} is a run without an exported encoder (no export/config.json: its pretraining has not "
-                    f"finished); evaluate a checkpoint instead, e.g. {ckpts[-1]}")
-        return (f"{path} is neither a run directory (no export/config.json) nor an export directory (no config.json); "
-                f"pass {what}")
-    return f"{path} is a file, not {what}"
 
 
 def same_data(a: str | None, b: str | None) -> bool:

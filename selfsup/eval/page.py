@@ -63,18 +63,9 @@ def png_data_uri(fig_or_path) -> str:
 
 
 def _run_dir(path: str | Path) -> Path:
-    p = Path(path)
-    if (p / "export" / "config.json").is_file():
-        return p
-    if (p / "config.json").is_file() and p.name == "export":
-        return p.parent
-    from selfsup.eval.harness import not_an_encoder_message
+    from selfsup.runs import finished_run_dir
 
-    if p.is_file() and p.suffix == ".ckpt":
-        run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
-        raise ConfigError(f"{p} is a checkpoint, and this command takes a run directory: pass {run} (once its "
-                          "pretraining has written export/), or evaluate the checkpoint with selfsup probe, knn or sweep")
-    raise ConfigError(not_an_encoder_message(p, "a run directory (runs/<name>) of a finished run"))
+    return finished_run_dir(path)
 
 
 def summarise(path: str | Path, data: str | None = None, pictures: bool = True, progress: bool = False,
