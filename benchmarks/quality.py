@@ -4,7 +4,10 @@ For each method (default: every registered one) the script pretrains with the me
 (plus the preset's backbone, batch size and budget), exports the encoder, then runs the evaluation
 harness on its cached features:
 
-- linear probe top-1 / top-5 (L2 strength chosen on held-out training labels),
+- linear probe top-1 / top-5 (L2 strength chosen on held-out training labels) of the encoder's own
+  (last-layer) features, and the linear probe of every stage (``--layers``, Goyal et al. 2019: each
+  stage map average-pooled to about 9,000 values, stored in float16) with the best layer chosen on
+  the same held-out training labels, never the test split; the floor is probed at the same layers,
 - kNN top-1: k=20 majority vote, and k=200 weighted with T=0.07 (Wu et al. 2018),
 - label efficiency: 1, 10 and 100 labels per class (linear probe, 3 seeds: mean and std) and 100 % of
   labels (the linear probe above: one fit, std 0),
@@ -54,12 +57,12 @@ PRESETS: dict[str, dict] = {
     # CI: the embedded digits, two optimiser steps per method, one seed; checks the plumbing only.
     "cpu-smoke": {"backbone": "convnet_small", "data": "digits", "image_size": 16, "max_steps": 2, "epochs": 1,
                   "minutes": None, "batch_size": 32, "ks": (1, 10, None), "seeds": (0,), "supervised_steps": 3,
-                  "finetune_steps": 0, "precision": "32-true", "model": {}},
+                  "finetune_steps": 0, "precision": "32-true", "model": {}, "layers": "all"},
     # 2 CPU cores: the small backbone, the same number of training images for every method (half an epoch
     # of CIFAR-10; a budget in images, not minutes, so the numbers do not depend on the machine's load).
     "cpu": {"backbone": "convnet_small", "data": None, "image_size": None, "max_steps": -1, "epochs": 1,
             "images": 25_000, "minutes": None, "batch_size": 128, "cpu_batch": True, "ks": KS, "seeds": (0, 1, 2),
-            "supervised_steps": 300, "finetune_steps": 0, "precision": "32-true",
+            "supervised_steps": 300, "finetune_steps": 0, "precision": "32-true", "layers": "all",
             # CPC's paper-width context network costs 8x this tiny backbone: narrower here (stated in the table)
             # and the GANs' width-64 generator costs ~5x the backbone per image: width 32
             # and a PixelCNN of 6 gated layers of width 48 still costs ~11x the backbone's step (measured on
@@ -73,7 +76,7 @@ PRESETS: dict[str, dict] = {
     # (capped at an hour a method); CPC predicts in all four directions as the paper does.
     "gpu": {"backbone": "cifar_resnet18", "data": None, "image_size": None, "max_steps": -1, "epochs": 200,
             "minutes": 60.0, "batch_size": 256, "ks": KS, "seeds": (0, 1, 2), "supervised_steps": 3000,
-            "finetune_steps": 1000, "precision": "bf16-mixed",
+            "finetune_steps": 1000, "precision": "bf16-mixed", "layers": "all",
             "model": {"*": {"channels_last": True}, "cpc": {"directions": "down,up,left,right"}}},
 }
 # Per-image cost differs by method (CPC encodes 49 patches an image): batch sizes that fit a CPU step.
@@ -168,6 +171,45 @@ def run_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "-", label).strip("-")
 
 
+def layer_scores(src, ev, preset: dict, scored: dict, memo_file: Path) -> dict[str, dict]:
+    """Linear probe of every stage of the encoder and of its random-init floor (raw pixels have one layer).
+
+    The ``out`` layer is the encoder's own features, probed above: its result is reused, not fitted again.
+    The best layer is the one with the best held-out *training* top-1 (:func:`selfsup.eval.harness.best_layer`).
+    A floor's layers are memoised like its other scores (the same architecture gives the same floor).
+    Returns encoder -> ``{"layers": {layer: {top1, val_top1, features, weight_decay}}, "best_layer",
+    "best_layer_top1"}``.
+    """
+    from selfsup.checkpoint import update_json
+    from selfsup.eval import harness
+
+    evl = harness.prepare(src, progress=False, batch_size=512, cache_dir=ev.features[src.name][0].path.parent,
+                          layers=preset["layers"], dtype=preset.get("layer_dtype", "float16"))
+    out = {}
+    for name, layers in evl.layers.items():
+        if name == "pixels":
+            continue
+        inner = {layer: pair for layer, pair in layers.items() if layer != "out"}
+        key = "layers|" + "|".join(f"{pair[0].path.name}|{pair[1].path.name}" for pair in inner.values())
+        memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+        if name != src.name and key in memo:
+            out[name] = memo[key]
+            continue
+        rows = {}
+        if inner:
+            one = dataclasses.replace(evl, features={name: evl.features[name]}, layers={name: inner})
+            rows = harness.evaluate(one, "probe", progress=False)[name]["layers"]
+        last = scored[name]["probe"]
+        rows["out"] = {k: last.get(k) for k in ("top1", "top5", "weight_decay", "val_top1", "features")}
+        best = harness.best_layer(rows)
+        out[name] = {"layers": {layer: {k: r.get(k) for k in ("top1", "val_top1", "features", "weight_decay")}
+                                for layer, r in rows.items()},
+                     "best_layer": best, "best_layer_top1": rows[best]["top1"]}
+        if name != src.name:
+            update_json(memo_file, {key: out[name]})
+    return out
+
+
 def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: dict) -> dict:
     """Probe, kNN, label efficiency, baselines and bits/dim of one pretrained run."""
     import numpy as np
@@ -213,6 +255,7 @@ def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: 
         return out
 
     scored = {name: scores(name) for name in ev.features}
+    per_layer = layer_scores(src, ev, preset, scored, memo_file) if preset.get("layers") else {}
     num_classes = len(ev.train.classes)
     any_arrays = next(iter(encoders.values()))
 
@@ -252,6 +295,8 @@ def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: 
             },
             "features": sc["probe"]["features"],
         }
+        if name in per_layer:
+            rows[role].update(per_layer[name])
     if finetuned:
         rows["method"]["finetune"] = {e["budget"]: {"mean": e["top1_mean"], "std": e["top1_std"]} for e in finetuned}
     return {
@@ -266,7 +311,9 @@ def evaluate_method(method: str, run_dir: Path, preset: dict, supervised_cache: 
 def markdown(results: list[dict], supervised: dict, title: str) -> str:
     """The results table: one row per method, its floor and pixels beside it, supervised last."""
     budgets = list(next(iter(results))["rows"]["method"]["label_efficiency"]) if results else []
-    head = ["method", "linear top-1", "top-5", "kNN k=20", "kNN k=200 T=0.07", *[f"linear {b}" for b in budgets],
+    layered = any("best_layer" in r["rows"]["method"] for r in results)
+    head = ["method", "linear top-1", *(["best layer top-1", "floor best layer"] if layered else []), "top-5",
+            "kNN k=20", "kNN k=200 T=0.07", *[f"linear {b}" for b in budgets],
             "bits/dim", "floor linear", "floor kNN k=20", "images", "minutes"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -274,24 +321,36 @@ def markdown(results: list[dict], supervised: dict, title: str) -> str:
         e = row["label_efficiency"].get(b)
         return "-" if e is None else f"{e['mean']:.1f} ± {e['std']:.1f}"
 
+    def best(row: dict) -> str:
+        if "best_layer" not in row:
+            return "-"
+        return f"{row['best_layer_top1']:.1f} ({row['best_layer']})"
+
     for r in results:
         m, f = r["rows"]["method"], r["rows"]["random init"]
         beat = "" if m["linear_top1"] > f["linear_top1"] else " (below floor)"
+        if layered:
+            below = "best_layer" in m and "best_layer" in f and m["best_layer_top1"] <= f["best_layer_top1"]
+            layer_cells = [best(m) + (" (below floor)" if below else ""), best(f)]
+        else:
+            layer_cells = []
         bpd = "-" if r["bits_per_dim"] is None else f"{r['bits_per_dim']:.2f}"
         minutes = "-" if r["pretrain_seconds"] is None else f"{r['pretrain_seconds'] / 60:.1f}"
         lines.append("| " + " | ".join([
-            r["method"], f"{m['linear_top1']:.1f}{beat}", f"{m['linear_top5']:.1f}", f"{m['knn20_top1']:.1f}",
+            r["method"], f"{m['linear_top1']:.1f}{beat}", *layer_cells, f"{m['linear_top5']:.1f}", f"{m['knn20_top1']:.1f}",
             f"{m['knn200_t007_top1']:.1f}", *[le(m, b) for b in budgets], bpd, f"{f['linear_top1']:.1f}",
             f"{f['knn20_top1']:.1f}", f"{r['pretrain_images']:,}" if r.get("pretrain_images") else "-",
             minutes]) + " |")
     if results:
         p = results[0]["rows"]["pixels"]
-        lines.append("| " + " | ".join(["raw pixels (16 px)", f"{p['linear_top1']:.1f}", f"{p['linear_top5']:.1f}",
+        lines.append("| " + " | ".join(["raw pixels (16 px)", f"{p['linear_top1']:.1f}", *(["-", "-"] if layered else []),
+                                        f"{p['linear_top5']:.1f}",
                                         f"{p['knn20_top1']:.1f}", f"{p['knn200_t007_top1']:.1f}",
                                         *[le(p, b) for b in budgets], "-", "-", "-", "-", "-"]) + " |")
     for arch, entries in supervised.items():
         cells = {e["budget"]: f"{e['top1_mean']:.1f} ± {e['top1_std']:.1f}" for e in entries}
-        lines.append("| " + " | ".join([f"supervised from scratch ({arch})", "-", "-", "-", "-",
+        lines.append("| " + " | ".join([f"supervised from scratch ({arch})", "-", *(["-", "-"] if layered else []),
+                                        "-", "-", "-",
                                         *[cells.get(b, "-") for b in budgets], "-", "-", "-", "-", "-"]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -361,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                     "$SELFSUP_CACHE or ~/.cache/selfsup named by the preset); reruns resume from it")
     ap.add_argument("--fresh", action="store_true", help="delete the runs and results this script wrote in the work directory first")
     ap.add_argument("--threads", type=int, help="torch CPU threads (state it with the numbers)")
+    ap.add_argument("--layers", help="layers probed besides the last (as `selfsup probe --layers`: all, stage "
+                    "indices or names; 'none': the last layer only; default: the preset's, all)")
     ap.add_argument("--out", help="output prefix (default: benchmarks/results/quality_<preset>)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -370,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         preset["minutes"] = args.minutes
     if args.epochs is not None:
         preset["epochs"] = args.epochs
+    if args.layers is not None:
+        preset["layers"] = None if args.layers == "none" else args.layers
     if args.images is not None:
         preset["images"] = args.images
         preset["method_images"] = {}  # one budget for every method

@@ -55,16 +55,27 @@ def test_quality_cpu_smoke_writes_table_and_resumes(bench, tmp_path, capsys):
     assert (work / "runs" / "rotation-head_hidden-16" / "export").is_dir()
     for role in ("random init", "pixels"):
         assert variant["rows"][role] == res["rows"][role]
-    assert len(json.loads((work / "results" / "_baselines.json").read_text())) == 2
+    # the floor's and the pixels' scores, and the floor's per-layer probes: memoised once for both rows
+    assert len(json.loads((work / "results" / "_baselines.json").read_text())) == 3
     assert res["method"] == "rotation" and res["pretrain_steps"] == 2 and res["pretrain_seconds"] > 0
     rows = res["rows"]
     assert set(rows) == {"method", "random init", "pixels"}
     for row in rows.values():  # every encoder scored by every probe and budget
         assert 0 <= row["knn200_t007_top1"] <= 100 and set(row["label_efficiency"]) == {"k=1", "k=10", "all"}
     assert rows["method"]["label_efficiency"]["all"]["mean"] == pytest.approx(rows["method"]["linear_top1"])
+    # every stage probed, for the method and its floor at the same layers; "out" is the last-layer probe
+    m, f = rows["method"], rows["random init"]
+    assert len(m["layers"]) > 1 and set(m["layers"]) == set(f["layers"]) and "out" in m["layers"]
+    assert m["layers"]["out"]["top1"] == pytest.approx(m["linear_top1"])
+    for row in (m, f):
+        assert row["best_layer_top1"] == row["layers"][row["best_layer"]]["top1"]
+        vals = {layer: r["val_top1"] for layer, r in row["layers"].items()}
+        assert vals[row["best_layer"]] == max(vals.values())  # chosen on held-out training labels
+    assert "layers" not in rows["pixels"]
     assert list(result["supervised"]) == ["convnet_small|digits"]
     table = out.with_suffix(".md").read_text()
     assert "| rotation |" in table and "supervised from scratch" in table and "quality.py --preset cpu-smoke" in table
+    assert "best layer top-1" in table and f"({m['best_layer']})" in table
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     # a rerun resumes: nothing is pretrained or evaluated again
     capsys.readouterr()
