@@ -38,10 +38,15 @@ class ResumableSampler(DistributedSampler):
         num_replicas, rank: DDP world size and this process's rank (1 and 0 for one process).
         shuffle: permute each epoch.
         seed: the permutation of epoch ``e`` is ``randperm(n, generator=seed + e)``.
+        drop_last: when ``n`` is not a multiple of the ranks, leave out the permutation's last
+            ``n mod ranks`` samples (other ones each epoch) instead of repeating its first ones, so no
+            sample is read twice in an epoch (shards do this).
     """
 
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
         self._skip_epoch: int | None = None
         self._skip = 0
 
