@@ -376,3 +376,111 @@ def test_unpicklable_state_is_not_carried_to_spawned_workers(sharded) -> None:
     ds.read_bytes(0)
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[0][0], ds[0][0]) and os.getpid() > 0
+
+
+def test_subset_files_name_shard_samples_by_key(sharded, tmp_path) -> None:
+    from selfsup.eval.label_efficiency import subset_from_file
+
+    src, out = sharded
+    listing = tmp_path / "subset.txt"
+    listing.write_text("a/1.jpg\ntrain/b/2.jpg\n")
+    shards, folder = load_dataset(f"wds:{out}", image_size=16), load_dataset(str(src), image_size=16)
+    chosen = subset_from_file(listing, sample_keys(shards))
+    assert len(chosen) == 2 and np.array_equal(chosen, subset_from_file(listing, sample_keys(folder)))
+    root = foreign_shards(tmp_path / "wds")
+    listing.write_text("n0004\n")
+    assert list(subset_from_file(listing, sample_keys(load_dataset(f"wds:{root}", image_size=8)))) == [4]
+
+
+def digits_shards(base: Path, n_train: int = 160, n_val: int = 40) -> Path:
+    """The embedded digits at 16 px as PNGs in a folder, written as shards of 50 samples."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        ds = load_dataset("digits", split, image_size=16)
+        for i in range(n):
+            x, y = ds[i]
+            d = base / "src" / split / str(y)
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x.permute(1, 2, 0).numpy()).save(d / f"{i}.png")
+    write_shards(base / "src", base / "wds", shard_size="50", progress=False)
+    return base / "wds"
+
+
+@pytest.mark.slow
+def test_pretraining_on_shards_killed_mid_epoch_resumes_to_the_same_losses(tmp_path) -> None:
+    """As tests/test_resume.py for folders: 160 samples, batches of 32 (5 steps an epoch), killed at step 7
+    (one after the step-6 checkpoint, so the resume starts at batch 1 of epoch 1); every loss bit-identical."""
+    import subprocess
+    import sys
+
+    from selfsup.train import pretrain
+    from tests.test_resume import KILLED_RUN, SAME_THREADS, _losses
+
+    root = digits_shards(tmp_path)
+    config = {"method": "rotation", "checkpoint_every": 2, "model": {"backbone": "convnet_small"},
+              "data": {"data": f"wds:{root}", "image_size": 16, "batch_size": 32, "num_workers": 1},
+              "trainer": {"max_epochs": 2, "log_every_n_steps": 1}, "output": str(tmp_path)}
+    full = pretrain({**config, "name": "full"})
+    cfg = {**config, "name": "cut"}
+    r = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(cfg)], capture_output=True, text=True,
+                       env=SAME_THREADS, timeout=600)
+    assert r.returncode == -9, r.stderr[-3000:]
+    resumed = pretrain(cfg, resume=True)
+    expected = _losses(full.run_dir)
+    assert len(expected) == 10
+    assert _losses(tmp_path / "cut") == expected
+    assert resumed.metrics["val/online_top1"] == full.metrics["val/online_top1"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_pretrain_on_shards_then_resume_as_one_process(tmp_path, monkeypatch) -> None:
+    """Two ``torchrun`` agents on loopback (2 nodes x 1 process, gloo, CPU) pretrain one run on shards for 2
+    steps, then resume it to 4 (mid-epoch: 160 samples, 10 steps an epoch); the weights equal one process's
+    4 steps on the same global batch, within the tolerance DDP meets (tests/test_ddp_pretrain.py: rotation,
+    no augmentation, group norm, so the two nodes' halves of each batch are exactly the one process's batch)."""
+    import subprocess
+    import sys
+
+    from selfsup.ssl.module import load_encoder
+    from tests.conftest import ROOT, run_cli
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root = digits_shards(tmp_path)
+    common = ("pretrain", "--method", "rotation", "--backbone", "convnet_small", "--norm", "group", "--data",
+              f"wds:{root}", "--image-size", "16", "--crop-scale", "1.0", "--no-flip", "--no-online-probe",
+              "--seed", "0", "--lr", "0.5", "--warmup-epochs", "0", "--max-epochs", "1", "--num-workers", "0", "--log-every-n-steps", "1",
+              "--output", str(tmp_path))
+    r = run_cli(*common, "--batch-size", "16", "--max-steps", "4", "--name", "one", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def two_nodes(*extra: str) -> None:
+        port = _free_port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        agents = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "selfsup-test",
+             "-m", "selfsup", *common, "--batch-size", "8", "--accelerator", "cpu", "--devices", "1",
+             "--num-nodes", "2", "--strategy", "ddp", "--name", "two", *extra],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outs = [a.communicate(timeout=600)[0] for a in agents]
+        for a, out in zip(agents, outs, strict=True):
+            assert a.returncode == 0, out[-3000:]
+
+    two_nodes("--max-steps", "2")
+    two_nodes("--max-steps", "4", "--resume")
+    one, two = (load_encoder(tmp_path / n / "export").state_dict() for n in ("one", "two"))
+    assert one.keys() == two.keys() and one
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    import csv
+
+    with (tmp_path / "two" / "metrics.csv").open(newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == sorted(set(steps)) and max(steps) == 3  # each of the 4 steps trained once

@@ -80,9 +80,13 @@ class ResumableLoader(DataLoader):
         return {"epoch": int(self.sampler.epoch), "batches": batches, "batch_size": int(self.batch_size or 1)}
 
     def load_state_dict(self, state: dict) -> None:
-        batches = int(state.get("batches", 0))
-        if 0 < batches < len(self):  # a finished epoch needs no skipping: the next one starts afresh
-            self.sampler.skip_next(int(state["epoch"]), batches * int(state.get("batch_size", self.batch_size)))
+        epoch, batches = int(state["epoch"]), int(state.get("batches", 0))
+        # Lightning creates the resumed epoch's iterator before it sets the sampler's epoch, and loader
+        # workers start reading at once (iterating the sampler): set the epoch here, or they would read
+        # epoch 0's order. A finished epoch needs no skipping: the next one starts afresh.
+        self.sampler.set_epoch(epoch + 1 if batches >= len(self) else epoch)
+        if 0 < batches < len(self):
+            self.sampler.skip_next(epoch, batches * int(state.get("batch_size", self.batch_size)))
 
 
 def loader_generator(seed: int) -> torch.Generator:

@@ -378,8 +378,6 @@ class ShardStream(FolderStream):
 
 
 def _classes(root: Path, meta: dict | None, train: ShardIndex) -> list[str]:
-    if meta is not None:
-        return [str(c) for c in meta["classes"]]
     if not len(train.label):
         raise DataError(f"the train shards of {root} hold no samples")
     return [str(i) for i in range(int(train.label.max()) + 1)]
@@ -432,9 +430,11 @@ def load_shards(root: Path, split: str, image_size: int | None, cache_dir: Path,
     from selfsup.data.cache import MAX_CACHED_IMAGES, MAX_CACHED_SIZE
 
     meta = read_meta(root)
-    train = build_index(root, "train", cache_dir, skip_bad)
-    classes = _classes(root, meta, train)
-    index = train if split == "train" else build_index(root, split, cache_dir, skip_bad)
+    index = build_index(root, "train" if split == "train" else split, cache_dir, skip_bad)
+    if meta is not None:
+        classes = [str(c) for c in meta["classes"]]
+    else:  # the label range of the train shards
+        classes = _classes(root, None, index if split == "train" else build_index(root, "train", cache_dir, skip_bad))
     where = f"of {META_NAME}" if meta is not None else "the train shards' labels give"
     _check_labels(index, classes, where)
     _check_counts(root, meta, "train" if split == "train" else "val", index)
@@ -443,7 +443,7 @@ def load_shards(root: Path, split: str, image_size: int | None, cache_dir: Path,
                       stacklevel=3)
     name = f"wds:{root}"
     crop = DEFAULT_CROP_PCT if crop_pct is None else crop_pct
-    stream = ShardStream(index, classes, image_size or 1, name, skip_bad=skip_bad, crop_pct=crop)
-    size = image_size if image_size is not None else _infer_size(stream)
-    whole = size <= MAX_CACHED_SIZE and len(index.label) <= MAX_CACHED_IMAGES
-    return ShardStream(index, classes, size, name, skip_bad=skip_bad, crop_pct=crop, whole=whole)
+    if image_size is None:
+        image_size = _infer_size(ShardStream(index, classes, 1, name, skip_bad=skip_bad, crop_pct=crop))
+    whole = image_size <= MAX_CACHED_SIZE and len(index.label) <= MAX_CACHED_IMAGES
+    return ShardStream(index, classes, image_size, name, skip_bad=skip_bad, crop_pct=crop, whole=whole)
