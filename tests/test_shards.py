@@ -149,6 +149,11 @@ def test_ranks_split_by_sample_read_none_twice_and_resume_mid_epoch(tmp_path) ->
             loader.load_state_dict({"epoch": 0, "batches": 1, "batch_size": 2})
             assert [int(i) for i in loader.sampler] == full[2:]
             assert [int(i) for i in loader.sampler] == full  # skipping happens once
+            # The position sets the epoch too: Lightning's workers start reading before it sets the epoch.
+            loader.load_state_dict({"epoch": 3, "batches": 1, "batch_size": 2})
+            assert loader.sampler.epoch == 3
+            loader.load_state_dict({"epoch": 3, "batches": len(loader), "batch_size": 2})  # a finished epoch
+            assert loader.sampler.epoch == 4
     assert len(left_out) > 1  # not always the same sample
 
 
