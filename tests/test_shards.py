@@ -494,3 +494,21 @@ def test_two_torchrun_nodes_pretrain_on_shards_then_resume_as_one_process(tmp_pa
         with (tmp_path / name / "metrics.csv").open(newline="") as f:
             steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
         assert steps == [0, 1, 2, 3], name  # each of the 4 steps trained once
+
+
+def test_shard_a_folder_with_a_bad_image_stops_or_skips_it(tmp_path) -> None:
+    src = make_folder(tmp_path / "src")
+    bad = src / "train" / "b" / "2.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])
+    r = run_cli_here("shard", str(src), str(tmp_path / "out2"), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(bad) in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "out2").glob("*.tar*"))  # the shard being written was removed, not left half-done
+    # The command again, as the error says, into the same folder (it holds no shard yet, so new options are fine).
+    r = run_cli_here("shard", str(src), str(tmp_path / "out2"), "--skip-bad-images", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "train 7 samples" in r.stdout and "skipped 1 bad image" in r.stdout
+    meta = json.loads((tmp_path / "out2" / META_NAME).read_text())
+    assert meta["skipped_images"] == ["train/b/2.jpg"]
+    assert len(load_dataset(f"wds:{tmp_path / 'out2'}", image_size=16)) == 7  # the counts agree with the shards
+    with pytest.raises(ConfigError, match="--max-resolution"):
+        write_shards(src, tmp_path / "out3", max_resolution=0, progress=False)

@@ -250,7 +250,9 @@ def _claim(out: Path, plan: dict) -> None:
             old = json.loads(plan_path.read_text())
         except (OSError, ValueError):
             old = None
-        if old != plan:
+        if old != plan and not any(out.glob("*.tar")):  # no shard written yet: nothing to keep
+            plan_path.unlink()
+        elif old != plan:
             why = "another source folder or its files changed" if (old or {}).get("options") == plan["options"] \
                 else "other options"
             raise DataError(f"{out} holds shards written from {why} ({(old or {}).get('source')}, "
