@@ -626,6 +626,9 @@ def build_shard_parser(sub) -> argparse.ArgumentParser:
                    help="samples per shard (1000) or bytes per shard, counted on the source files "
                         "(500MB, 1GB) (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the one shuffle of the train samples (default: 0)")
+    p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="processes that read, check and re-encode images (default: up to 8 cores for 2,000 "
+                        "images or more)")
     p.add_argument("--skip-bad-images", dest="skip_bad", action="store_true",
                    help="leave out, and count, files that are not images or do not decode, instead of stopping")
     return p
@@ -639,7 +642,7 @@ def _run_shard(args: argparse.Namespace) -> None:
     from selfsup.data.shard_writer import write_shards
 
     meta = write_shards(args.root, args.out, max_resolution=args.max_resolution, shard_size=args.shard_size,
-                        skip_bad=args.skip_bad, seed=args.seed)
+                        skip_bad=args.skip_bad, seed=args.seed, workers=args.num_workers)
     counts = ", ".join(f"{s} {v['samples']} samples in {len(v['shards'])} shards" for s, v in meta["splits"].items())
     skipped = f"; skipped {len(meta['skipped_images'])} bad image(s)" if meta["skipped_images"] else ""
     print(f"shards written to {Path(args.out).resolve()}: {counts}{skipped}; use --data wds:{args.out}")

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from selfsup.checkpoint import atomic_write, atomic_write_text, clean_stale_temp_files
+from selfsup.data.cache import _POOL_MIN_IMAGES, _pool_context, num_cpus
 from selfsup.data.decode import to_rgb
 from selfsup.data.scan import Scan, split_dir_of
 from selfsup.data.shards import META_NAME
@@ -138,6 +139,14 @@ def _encode(path: Path, max_resolution: int | None) -> tuple[bytes, str, dict]:
         return out.getvalue(), ext, info
 
 
+def _encode_task(task: tuple[Path, int | None]) -> tuple[bytes, str, dict] | str:
+    """Pool worker: :func:`_encode`, a bad image coming back as its message (never raised across processes)."""
+    try:
+        return _encode(*task)
+    except DataError as err:
+        return str(err)
+
+
 def write_shards(
     root: str | Path,
     out: str | Path,
@@ -146,6 +155,7 @@ def write_shards(
     skip_bad: bool = False,
     seed: int = 0,
     progress: bool = True,
+    workers: int | None = None,
 ) -> dict:
     """Write WebDataset shards of the ImageNet-layout folder ``root`` into ``out``; returns the metadata.
 
@@ -158,6 +168,8 @@ def write_shards(
         skip_bad: leave out (and count) files that are not images or do not decode, instead of stopping.
         seed: seed of the one shuffle of the train samples before they are cut into shards.
         progress: show a bar counting the images written.
+        workers: processes that read, check and re-encode images (in order; the main process writes);
+            default up to 8 of the cores this process may use for 2,000 images or more, else none.
 
     Raises:
         DataError: bad layout or image (unless ``skip_bad``); ``out`` holds shards of another source.
@@ -170,6 +182,8 @@ def write_shards(
     root, out = Path(root).expanduser().resolve(), Path(out).expanduser().resolve()
     if max_resolution is not None and max_resolution < 1:
         raise ConfigError(f"--max-resolution must be a positive number of pixels, got {max_resolution!r}")
+    if workers is not None and workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {workers!r}")
     samples, max_bytes = parse_shard_size(shard_size)
     if out == root or root in out.parents:
         raise ConfigError(f"{out} is inside the source folder {root}: write the shards elsewhere")
@@ -183,28 +197,35 @@ def write_shards(
     total = sum(len(shard) for v in splits.values() for shard in v["shards"])
     bad: list[str] = []
     started = time.time()
-    with make_progress(enabled=progress) as bar_progress:
-        bar = bar_progress.add_task(f"writing shards of {root} (images)", total=total)
-        for split, v in splits.items():
-            for name, shard in zip(names[split], v["shards"], strict=True):
-                if (out / name).is_file():  # renamed into place, so complete
-                    bar_progress.advance(bar, len(shard))
-                    continue
-                with atomic_write(out / name) as f, TarWriter(f, encoder=False, mtime=0.0) as tar:
-                    for item in shard:
-                        try:
-                            data, ext, info = _encode(root / item["path"], max_resolution)
-                        except DataError as err:
-                            if not skip_bad:
-                                raise DataError(f"{err}") from None
-                            bad.append(item["path"])
+    if workers is None:
+        workers = min(8, num_cpus()) if total >= _POOL_MIN_IMAGES else 0
+    pool = _pool_context().Pool(workers) if workers > 0 else None
+    try:
+        with make_progress(enabled=progress) as bar_progress:
+            bar = bar_progress.add_task(f"writing shards of {root} (images)", total=total)
+            for split, v in splits.items():
+                for name, shard in zip(names[split], v["shards"], strict=True):
+                    if (out / name).is_file():  # renamed into place, so complete
+                        bar_progress.advance(bar, len(shard))
+                        continue
+                    tasks = [(root / item["path"], max_resolution) for item in shard]
+                    encoded = pool.imap(_encode_task, tasks, chunksize=8) if pool else map(_encode_task, tasks)
+                    with atomic_write(out / name) as f, TarWriter(f, encoder=False, mtime=0.0) as tar:
+                        for item, result in zip(shard, encoded, strict=True):
                             bar_progress.advance(bar)
-                            continue
-                        cls = v["classes"][item["label"]]
-                        meta = {"path": item["path"], "class": cls, **info}
-                        tar.write({"__key__": item["key"], ext: data, "cls": str(item["label"]).encode(),
-                                   "json": json.dumps(meta).encode()})
-                        bar_progress.advance(bar)
+                            if isinstance(result, str):  # a DataError's message
+                                if not skip_bad:
+                                    raise DataError(result)
+                                bad.append(item["path"])
+                                continue
+                            data, ext, info = result
+                            meta = {"path": item["path"], "class": v["classes"][item["label"]], **info}
+                            tar.write({"__key__": item["key"], ext: data, "cls": str(item["label"]).encode(),
+                                       "json": json.dumps(meta).encode()})
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     counts = {s: sum(len(sh) for sh in v["shards"]) for s, v in splits.items()}
     if skip_bad:  # bad images were left out (in this run or an earlier one): count what the shards hold
         counts = _recount(out, names)
