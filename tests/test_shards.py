@@ -473,6 +473,7 @@ def test_two_torchrun_nodes_pretrain_on_shards_then_resume_as_one_process(tmp_pa
     def two_nodes(*extra: str) -> None:
         port = _free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        assert "SELFSUP_RUN_DIR" not in env  # an earlier in-process pretrain must not leak its run dir to them
         agents = [subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "selfsup-test",
