@@ -12,6 +12,9 @@ noise so they compress like photographs) in ImageNet layout, then measures, inte
   image, scale (0.08, 1), as torchvision's) and evaluation views (crop_pct 0.875);
 - ``selfsup device``: ``--decode device`` with the CPU as the device (workers read bytes; the main process
   decodes, crops and resizes the batch).
+- ``selfsup ... (shards)``: the same images written by ``selfsup shard`` (one shard) and read through
+  ``--data wds:DIR`` (:class:`~selfsup.data.shards.ShardStream`: one ``pread`` per sample), and written
+  with ``--max-resolution 320`` (longer side capped at 320, re-encoded at JPEG quality 90).
 
 CPU-seconds per image come from a pass with no loader workers (``time.process_time`` of the one process,
 torch at one thread), so they count all the work; wall time from a DataLoader with the cores this
@@ -19,7 +22,7 @@ process may use as workers. The table also gives the cores a node of 8 GPUs need
 images/s to each (20,000 images/s), and a decoder micro-benchmark (PIL, PIL at 1/2 DCT scale,
 ``torchvision.io.decode_jpeg``) on the same files.
 
-    python benchmarks/data_speed.py --preset cpu     # ~3 min on 2 busy cores
+    python benchmarks/data_speed.py --preset cpu     # 3.3 min on 2 cores at load 11
     python benchmarks/data_speed.py --preset full    # 2,000 images, 5 rounds
 
 Reads ``../shared/data/cifar10-jpeg.tar.gz`` (relative to the repo, or to its parent for a worktree) for the source images; exits 0 with
@@ -49,9 +52,11 @@ sys.path.insert(0, str(ROOT))
 
 from selfsup.data.cache import num_cpus  # noqa: E402
 from selfsup.data.datamodule import default_workers  # noqa: E402
+from selfsup.data.datasets import load_dataset  # noqa: E402
 from selfsup.data.device_decode import bytes_collate, decode_batch  # noqa: E402
 from selfsup.data.geometry import TrainCrop  # noqa: E402
 from selfsup.data.sampler import SampleIndex  # noqa: E402
+from selfsup.data.shard_writer import write_shards  # noqa: E402
 from selfsup.data.stream import FolderStream  # noqa: E402
 
 TARBALL = next((p / "shared" / "data" / "cifar10-jpeg.tar.gz" for p in (ROOT.parent, ROOT.parent.parent)
@@ -111,7 +116,17 @@ class OldStream(torch.utils.data.Dataset):
         return torch.from_numpy(old_load_image(self.files[int(i)])).permute(2, 0, 1), int(self.labels[int(i)])
 
 
-def pipelines(root: Path, files: list[str], labels: np.ndarray) -> dict[str, tuple]:
+def shard_streams(root: Path, work: Path) -> dict[str, object]:
+    """The folder written as shards by ``selfsup shard``, as is and with ``--max-resolution 320``."""
+    out = {}
+    for label, cap in (("shards", None), ("shards, max-resolution 320", 320)):
+        dest = work / f"wds-{cap or 'full'}"
+        write_shards(root, dest, max_resolution=cap, progress=False)
+        out[label] = load_dataset(f"wds:{dest}", "train", image_size=224, cache_dir=work / "cache")
+    return out
+
+
+def pipelines(root: Path, files: list[str], labels: np.ndarray, shards: dict[str, object]) -> dict[str, tuple]:
     """name -> (dataset, collate, post) where post turns a loader batch into images (device decode)."""
     from torchvision import datasets as tvd
     from torchvision.transforms import v2
@@ -129,8 +144,11 @@ def pipelines(root: Path, files: list[str], labels: np.ndarray) -> dict[str, tup
         "torchvision ImageFolder + RandomResizedCrop": (tv_train, None, None),
         "selfsup train crops (folder)": (train, None, None),
         "selfsup train crops, device decode (CPU)": (train.encoded(), bytes_collate, device),
+        **{f"selfsup train crops ({k})": (v.training_views(TrainCrop(224, (0.08, 1.0)), seed=0), None, None)
+           for k, v in shards.items()},
         "torchvision Resize(256) + CenterCrop(224)": (tv_eval, None, None),
         "selfsup eval crops (folder)": (stream, None, None),
+        **{f"selfsup eval crops ({k})": (v, None, None) for k, v in shards.items()},
     }
 
 
@@ -196,7 +214,7 @@ def main() -> int:
         classes = sorted({Path(f).parent.name for f in files})
         labels = np.array([classes.index(Path(f).parent.name) for f in files], dtype=np.int64)
         kb = statistics.mean(os.path.getsize(f) for f in files) / 1e3
-        pipes = pipelines(root, files, labels)
+        pipes = pipelines(root, files, labels, shard_streams(root, Path(tmp)))
         cpu: dict[str, list[float]] = {k: [] for k in pipes}
         wall: dict[str, list[float]] = {k: [] for k in pipes}
         for r in range(cfg["rounds"]):

@@ -1,4 +1,4 @@
-"""The ``selfsup`` command: pretrain, features, probe, knn, sweep, report, plot, demo.
+"""The ``selfsup`` command: pretrain, features, probe, knn, sweep, report, plot, demo, shard.
 
 Errors from bad input or options are printed as one line (``selfsup: error: ...``), not a traceback.
 """
@@ -29,8 +29,8 @@ TRAINER_FLAGS = {
     "fast_dev_run": (int, "run N training (and validation) batches only, to check a setup; writes no checkpoint"),
 }
 DATA_FLAGS = {
-    "data": (str, "an ImageNet-layout folder, 'cifar10:ROOT', 'cifar100:ROOT', 'stl10:ROOT', 'svhn:ROOT' "
-             "or 'digits' (the embedded default)"),
+    "data": (str, "an ImageNet-layout folder, 'wds:DIR' (WebDataset tar shards: train-*.tar, validation-*.tar), "
+             "'cifar10:ROOT', 'cifar100:ROOT', 'stl10:ROOT', 'svhn:ROOT' or 'digits' (the embedded default)"),
     "batch_size": (int, "images per batch per device"),
     "num_workers": (int, "data loader workers for streamed folders (default: up to 8)"),
     "image_size": (int, "square image size the data is resized to (default: the data's own, 224 for large images)"),
@@ -606,11 +606,51 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command in ("features", "probe", "knn", "sweep", "report", "plot"):
         check_eval_arguments(args)
         (_run_view if args.command in ("report", "plot") else _run_eval)(args)
+    elif args.command == "shard":
+        _run_shard(args)
     elif args.command == "demo":
         from selfsup.demo import run_demo
 
         run_demo(epochs=args.epochs, backbone=args.backbone, output=args.output, seed=args.seed,
                  seeds=args.seeds)
+
+
+def build_shard_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "shard", help="write WebDataset tar shards of an ImageNet-layout folder (for --data wds:OUT)",
+        description="Write ROOT's train and val (or test) images as WebDataset shards in OUT "
+                    "(train-000000.tar, ..., validation-000000.tar, ...; each sample KEY.jpg, KEY.cls, KEY.json) "
+                    "plus selfsup_shards.json. Each shard is written under a temporary name and renamed when "
+                    "complete; rerunning the same command completes an interrupted run.")
+    p.add_argument("root", help="the ImageNet-layout folder: ROOT/train/<class>/<image>, ROOT/val/<class>/<image>")
+    p.add_argument("out", help="the folder to write the shards to (created)")
+    p.add_argument("--max-resolution", type=int, default=None, metavar="N",
+                   help="cap the longer side at N pixels, re-encoding only larger images (default: keep every "
+                        "image's bytes)")
+    p.add_argument("--shard-size", default="1000", metavar="SIZE",
+                   help="samples per shard (1000) or bytes per shard, counted on the source files "
+                        "(500MB, 1GB) (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the one shuffle of the train samples (default: 0)")
+    p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="processes that read, check and re-encode images (default: up to 8 cores for 2,000 "
+                        "images or more)")
+    p.add_argument("--skip-bad-images", dest="skip_bad", action="store_true",
+                   help="leave out, and count, files that are not images or do not decode, instead of stopping")
+    return p
+
+
+def _run_shard(args: argparse.Namespace) -> None:
+    try:
+        import webdataset  # noqa: F401
+    except ImportError:
+        raise SelfsupError("selfsup shard needs the webdataset package: pip install 'selfsup[shards]'") from None
+    from selfsup.data.shard_writer import write_shards
+
+    meta = write_shards(args.root, args.out, max_resolution=args.max_resolution, shard_size=args.shard_size,
+                        skip_bad=args.skip_bad, seed=args.seed, workers=args.num_workers)
+    counts = ", ".join(f"{s} {v['samples']} samples in {len(v['shards'])} shards" for s, v in meta["splits"].items())
+    skipped = f"; skipped {len(meta['skipped_images'])} bad image(s)" if meta["skipped_images"] else ""
+    print(f"shards written to {Path(args.out).resolve()}: {counts}{skipped}; use --data wds:{args.out}")
 
 
 def build_parser(method: str = "rotation") -> argparse.ArgumentParser:
@@ -621,6 +661,7 @@ def build_parser(method: str = "rotation") -> argparse.ArgumentParser:
     build_eval_parsers(sub)
     build_view_parsers(sub)
     build_demo_parser(sub)
+    build_shard_parser(sub)
     return parser
 
 

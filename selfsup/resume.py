@@ -84,9 +84,16 @@ class ExactResume(Callback):
         # before it restores the loop state, and then never hands the loader its saved position: hand it
         # now (a no-op when there is none or it was already loaded). The sampler reads it lazily, at the
         # first batch, so it still applies.
-        load_positions = getattr(trainer.fit_loop, "_load_combined_loader_states", None)
+        loop = trainer.fit_loop
+        pending = bool(getattr(loop, "_combined_loader_states_to_load", None))
+        load_positions = getattr(loop, "_load_combined_loader_states", None)
         if load_positions is not None:
             load_positions()
+        # With loader workers the iterator Lightning made then has already begun reading (workers prefetch,
+        # iterating the sampler) from the epoch's start: make it again, so it starts at the saved position.
+        fetcher = getattr(loop, "_data_fetcher", None)
+        if pending and fetcher is not None:
+            iter(fetcher)
         # After Lightning built the loaders (which may draw from the RNG), just before the first step.
         if self._pending is not None:
             set_rng_state(self._pending)

@@ -170,9 +170,16 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
     else:  # Lightning's DDP launcher re-runs this command for the other ranks: rank 0 chose the directory.
         claim = contextlib.nullcontext(Path(os.environ.get(RUN_DIR_ENV) or Path(cfg["output"]) / cfg["name"]))
     with claim as run_dir:
-        os.environ[RUN_DIR_ENV] = str(run_dir)
+        previous = os.environ.get(RUN_DIR_ENV)
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # for the ranks Lightning's launcher starts during the fit
         cfg["name"] = run_dir.name
-        return _fit(cfg, run_dir, dm, model, resume, callbacks or [], launcher_zero)
+        try:
+            return _fit(cfg, run_dir, dm, model, resume, callbacks or [], launcher_zero)
+        finally:  # not for the next run of this process, nor the processes it starts (torchrun ranks)
+            if previous is None:
+                os.environ.pop(RUN_DIR_ENV, None)
+            else:
+                os.environ[RUN_DIR_ENV] = previous
 
 
 def resume_command(cfg: dict, run_dir: Path) -> str:

@@ -1,4 +1,4 @@
-"""One LightningDataModule for every data source selfsup reads (digits, torchvision roots, folders).
+"""One LightningDataModule for every data source selfsup reads (digits, torchvision roots, folders, shards).
 
 Batches are ``(images, labels)``: ``(B, 3, S, S)`` uint8 and ``(B,)`` int64. Loaders are plain
 ``DataLoader(dataset, batch_size, shuffle, drop_last)`` so Lightning can inject its
@@ -25,6 +25,7 @@ from selfsup.data.datasets import (
 from selfsup.data.device_decode import DECODE_MODES, EncodedBatch, bytes_collate, decode_batch
 from selfsup.data.geometry import DEFAULT_CROP_PCT
 from selfsup.data.sampler import ResumableLoader, ResumableSampler, loader_generator
+from selfsup.data.shards import ShardStream
 from selfsup.errors import ConfigError, DataError
 
 
@@ -105,8 +106,9 @@ class SelfSupDataModule(pl.LightningDataModule):
         return self.val and has_split(self.data, "val")
 
     def prepare_data(self) -> None:
-        """Decode a small folder into the cache once (Lightning calls this on one process per node)."""
-        if parse_spec(self.data)[0] != "folder":
+        """Decode a small folder into the cache, or index shards, once (Lightning calls this on one
+        process per node)."""
+        if parse_spec(self.data)[0] not in ("folder", "wds"):  # wds: index the shards once per node
             return
         train = self._load("train", self._image_size)
         if self._has_val():
@@ -177,7 +179,9 @@ class SelfSupDataModule(pl.LightningDataModule):
         if not shuffle:
             return DataLoader(dataset, shuffle=False, **common)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        # Shards: each rank takes floor(n / ranks) samples of the epoch's permutation, so none is read twice.
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
+                                   drop_last=isinstance(dataset, ShardStream))
         progress = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed) if trainer else None
         return ResumableLoader(dataset, sampler=sampler, progress=progress, **common)
 

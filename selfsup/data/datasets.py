@@ -8,6 +8,7 @@ Every dataset yields ``uint8`` RGB images shaped ``(3, S, S)`` at one fixed squa
 - :mod:`selfsup.data.decode`: decoding one image into one view (reduced-scale JPEG decode, resize);
 - :mod:`selfsup.data.cache`: the small-image cache (decode once, memory-map);
 - :mod:`selfsup.data.stream`: streaming folders of large images, one view per item;
+- :mod:`selfsup.data.shards`: WebDataset tar shards (``wds:DIR``), read by offset;
 - :mod:`selfsup.data.builtin`: the embedded digits and torchvision datasets.
 
 Colour and other per-sample augmentation is not done here: methods augment whole batches on the
@@ -39,12 +40,13 @@ from selfsup.data.cache import (
 from selfsup.data.decode import IMAGE_EXTENSIONS, image_size_of, load_image, to_rgb
 from selfsup.data.geometry import DEFAULT_CROP_PCT
 from selfsup.data.scan import Scan, content_digest, default_cache_dir, split_dir_of
+from selfsup.data.shards import ShardStream, has_shard_split, load_shards
 from selfsup.data.stream import FolderStream
 from selfsup.errors import ConfigError, DataError
 
 __all__ = [
     "DEFAULT_CROP_PCT", "DEFAULT_STREAM_SIZE", "DIGITS_SIZE", "IMAGE_EXTENSIONS", "MAX_CACHED_IMAGES",
-    "MAX_CACHED_SIZE", "ArrayDataset", "FolderStream", "batch_collate", "default_cache_dir", "has_split",
+    "MAX_CACHED_SIZE", "ArrayDataset", "FolderStream", "ShardStream", "batch_collate", "default_cache_dir", "has_split",
     "load_dataset", "load_image", "parse_spec", "to_rgb",
 ]
 
@@ -116,11 +118,11 @@ def _load_folder(
 
 
 def parse_spec(spec: str) -> tuple[str, Path | None]:
-    """Split a data spec into ``(kind, root)``: kind is digits, cifar10, cifar100, stl10, svhn or folder."""
+    """Split a data spec into ``(kind, root)``: kind is digits, cifar10, cifar100, stl10, svhn, wds or folder."""
     if spec == "digits":
         return "digits", None
     kind, sep, rest = spec.partition(":")
-    if sep and kind in (*TORCHVISION, "folder"):
+    if sep and kind in (*TORCHVISION, "folder", "wds"):
         if not rest:
             raise DataError(f"data spec {spec!r} has no root: write {kind}:<path>")
         return kind, Path(rest).expanduser().resolve()
@@ -130,6 +132,8 @@ def parse_spec(spec: str) -> tuple[str, Path | None]:
 def has_split(spec: str, split: str) -> bool:
     """Whether ``spec`` has the split (``val`` of a folder: a ``val`` or ``test`` directory)."""
     kind, root = parse_spec(spec)
+    if kind == "wds" and split != "train":
+        return root is not None and has_shard_split(root, split)
     if kind != "folder" or split == "train":
         return True
     return root is not None and split_dir_of(root, split) is not None
@@ -142,13 +146,14 @@ def load_dataset(
     cache_dir: str | Path | None = None,
     skip_bad: bool = False,
     crop_pct: float | None = None,
-) -> ArrayDataset | FolderStream:
+) -> ArrayDataset | FolderStream | ShardStream:
     """Load a split of a dataset as uint8 ``(3, S, S)`` RGB images and int64 labels.
 
     Args:
         spec: ``"digits"`` (embedded, no files), ``"cifar10:<root>"``, ``"cifar100:<root>"``,
             ``"stl10:<root>"``, ``"svhn:<root>"`` (torchvision layout, never downloaded), or an
-            ImageNet-layout directory ``root/{train,val}/<class>/<image>`` (optionally ``"folder:<root>"``).
+            ImageNet-layout directory ``root/{train,val}/<class>/<image>`` (optionally ``"folder:<root>"``),
+            or ``"wds:<dir>"``, a folder of WebDataset tar shards (see :mod:`selfsup.data.shards`).
         split: ``"train"`` or ``"val"`` (a folder's ``val`` falls back to ``test``; a torchvision
             dataset's ``val`` is its test split); STL-10 also has ``"unlabeled"``.
         image_size: side of the square output; default 32 for digits, the native size for torchvision
@@ -162,8 +167,9 @@ def load_dataset(
             Cached and array datasets keep whole images.
 
     Returns:
-        An :class:`ArrayDataset` (digits, torchvision, small folders: memory-mapped cache) or a
-        :class:`FolderStream` (folders over 200,000 images or over 96 pixels).
+        An :class:`ArrayDataset` (digits, torchvision, small folders: memory-mapped cache), a
+        :class:`FolderStream` (folders over 200,000 images or over 96 pixels) or a :class:`ShardStream`
+        (shards, at any size; images of at most 96 px are evaluated whole, as cached folders are).
 
     Raises:
         DataError: missing root, wrong layout, empty class, corrupt, truncated or non-image file; one
@@ -182,4 +188,6 @@ def load_dataset(
     if kind in TORCHVISION:
         return load_torchvision(kind, root, split, image_size)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if kind == "wds":
+        return load_shards(root, split, image_size, cache, skip_bad, crop_pct)
     return _load_folder(root, split, image_size, cache, skip_bad, crop_pct)

@@ -38,10 +38,15 @@ class ResumableSampler(DistributedSampler):
         num_replicas, rank: DDP world size and this process's rank (1 and 0 for one process).
         shuffle: permute each epoch.
         seed: the permutation of epoch ``e`` is ``randperm(n, generator=seed + e)``.
+        drop_last: when ``n`` is not a multiple of the ranks, leave out the permutation's last
+            ``n mod ranks`` samples (other ones each epoch) instead of repeating its first ones, so no
+            sample is read twice in an epoch (shards do this).
     """
 
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
         self._skip_epoch: int | None = None
         self._skip = 0
 
@@ -75,9 +80,13 @@ class ResumableLoader(DataLoader):
         return {"epoch": int(self.sampler.epoch), "batches": batches, "batch_size": int(self.batch_size or 1)}
 
     def load_state_dict(self, state: dict) -> None:
-        batches = int(state.get("batches", 0))
-        if 0 < batches < len(self):  # a finished epoch needs no skipping: the next one starts afresh
-            self.sampler.skip_next(int(state["epoch"]), batches * int(state.get("batch_size", self.batch_size)))
+        epoch, batches = int(state["epoch"]), int(state.get("batches", 0))
+        # Lightning creates the resumed epoch's iterator before it sets the sampler's epoch, and loader
+        # workers start reading at once (iterating the sampler): set the epoch here, or they would read
+        # epoch 0's order. A finished epoch needs no skipping: the next one starts afresh.
+        self.sampler.set_epoch(epoch + 1 if batches >= len(self) else epoch)
+        if 0 < batches < len(self):
+            self.sampler.skip_next(epoch, batches * int(state.get("batch_size", self.batch_size)))
 
 
 def loader_generator(seed: int) -> torch.Generator:

@@ -52,11 +52,16 @@ class Features:
 def sample_keys(dataset) -> list[str] | None:
     """Each row's image path relative to the data root (``/``-separated), or None for data without files.
 
+    Samples of shards (``wds:``) are keyed by their WebDataset key, or by the source path that
+    ``selfsup shard`` records in each sample's JSON (the same key as the folder it came from).
+
     The key of an image does not depend on where the data lives or the order it is listed in, so
     subsets drawn by key (and subset lists such as ImageNet's 1% / 10% files) are portable.
     """
     files = getattr(dataset, "files", None)
     name = str(getattr(dataset, "name", ""))
+    if files is not None and name.startswith("wds:"):  # shards: each sample's key (its source path, if known)
+        return list(files)
     if files is None or not name.startswith("folder:"):
         return None
     root = name[len("folder:"):]

@@ -184,7 +184,7 @@ def data_label(spec: str, image_size: int) -> str:
     from selfsup.data.datasets import parse_spec
 
     kind, root = parse_spec(spec)
-    name = root.name if kind == "folder" and root is not None else kind
+    name = root.name if kind in ("folder", "wds") and root is not None else kind
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or kind
     digest = hashlib.sha256(f"{kind}:{root}:{image_size}".encode()).hexdigest()[:6]
     return f"{name}-{image_size}px-{digest}"
