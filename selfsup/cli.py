@@ -619,7 +619,17 @@ def build_parser(method: str = "rotation") -> argparse.ArgumentParser:
     return parser
 
 
+def _printable_names() -> None:
+    """Print a path that is not UTF-8 (its bytes are lone surrogates in Python) with backslash escapes, as
+    stderr does, instead of failing with ``UnicodeEncodeError`` after the work is done (a UTF-8 locale's
+    stdout is strict)."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _printable_names()
     argv = sys.argv[1:] if argv is None else argv
     sys.argv = [sys.argv[0], *argv]  # DDP's launcher re-runs the command line
     pre = argparse.ArgumentParser(add_help=False)

@@ -214,3 +214,105 @@ def test_a_damaged_feature_cache_is_rebuilt_with_a_note(tmp_path, capsys):
         assert f"selfsup: note: feature cache {path} is damaged (" in err and "extracting again" in err, what
         assert np.array_equal(np.array(again.x), x) and np.array_equal(np.array(again.y), y), what
         assert path.read_bytes() == good, what
+
+
+def _folder_with_undecodable_names(root):
+    """Real files whose names are not UTF-8: the data root, a class folder and half the images (Linux takes any
+    bytes; Python shows them as lone surrogates, ``os.fsdecode(b'\\xff')`` == ``'\\udcff'``)."""
+    import os
+
+    from PIL import Image
+
+    root = root / os.fsdecode(b"\xffdata")
+    for split, n in (("train", 11), ("val", 3)):  # 22 training images: the report's kNN takes k=20
+        for c, cls in enumerate((b"ok", b"\xff\xfecls")):
+            folder = root / split / os.fsdecode(cls)
+            folder.mkdir(parents=True)
+            for i in range(n):
+                name = b"\xff\xfeimg%d.png" % i if i % 2 == 0 else b"n%d.png" % i
+                Image.new("RGB", (8, 8), (c * 200 + i * 9, i * 30, 0)).save(folder / os.fsdecode(name))
+    return root
+
+
+@pytest.mark.slow
+def test_file_and_class_names_that_are_not_utf8_work_end_to_end(tmp_path):
+    """Item 7: pretraining worked, then probe and sweep failed with UnicodeEncodeError (a name hashed with
+    ``.encode()``), ``plot retrieval`` with matplotlib's TypeError, ``--subset-file`` with UnicodeDecodeError; a
+    run under a folder that is not UTF-8 could not load its own export (safetensors takes UTF-8 paths only)."""
+    import os
+
+    from selfsup.train import pretrain
+
+    data = _folder_with_undecodable_names(tmp_path)
+    runs = tmp_path / os.fsdecode(b"\xferuns")
+    run = pretrain({"method": "rotation", "model": {"backbone": "convnet_small"},
+                    "data": {"data": str(data), "batch_size": 4}, "trainer": {"max_steps": 1}, "online_probe": False,
+                    "output": str(runs), "name": "r"}).run_dir
+    cls = os.fsdecode(b"\xff\xfecls")
+    r = run_cli_here("probe", str(run), "--no-baselines", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((run / "eval" / "probe.json").read_text())
+    assert res["provenance"]["data"]["n_train"] == 22 and len(res["provenance"]["data"]["fingerprint"]) == 64
+    # the subset file is bytes: names as the disk has them, a bare name and relative paths, a BOM, CRLF
+    subset = tmp_path / os.fsdecode(b"\xfesubset.txt")
+    subset.write_bytes(b"\xef\xbb\xbfok/n1.png\r\n\xff\xfecls/n3.png\r\n# a comment\r\n"
+                       b"ok/\xff\xfeimg2.png\r\n\xff\xfecls/\xff\xfeimg4.png\r\n")
+    r = run_cli_here("sweep", str(run), "--ks", "1,2", "--seeds", "1", "--subset-file", str(subset), "--no-baselines",
+                     cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = json.loads((run / "eval" / "sweep.json").read_text())
+    budgets = {b["name"]: b for b in sweep["budgets"]}
+    assert budgets[f"file:{subset.name}"]["n_labels"] == 4  # every listed name matched its own file
+    assert [budgets["k=1"]["n_labels"], budgets["k=2"]["n_labels"]] == [2, 4]
+    assert (run / "eval" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = run_cli_here("plot", str(run), "retrieval", "--queries", "2", "--k", "3", cwd=tmp_path)
+    assert r.returncode == 0 and (run / "eval" / "retrieval.png").is_file(), r.stderr[-3000:]
+    r = run_cli_here("plot", str(run), "embedding", cwd=tmp_path)
+    assert r.returncode == 0 and (run / "eval" / "embedding.png").is_file(), r.stderr[-3000:]
+    out = tmp_path / os.fsdecode(b"\xffreport.html")
+    r = run_cli_here("report", str(run), "-o", str(out), "--no-pictures", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{run.parent.parent.name}/\ufffdruns/r" in out.read_text(encoding="utf-8")  # the run's folder, shown
+    # a subset line naming no file says so in one line, the name shown with U+FFFD
+    subset.write_bytes(b"\xff\xfecls/\xfe-missing.png\n")
+    r = run_cli_here("sweep", str(run), "--ks", "1", "--seeds", "1", "--subset-file", str(subset), cwd=tmp_path)
+    assert r.returncode == 2 and "'\ufffd\ufffdcls/\ufffd-missing.png'" in r.stderr, r.stderr[-3000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and cls not in r.stderr
+
+
+def test_name_hashes_are_the_disk_bytes_and_unchanged_for_utf8_names():
+    """Subset draws hash each image's key: a UTF-8 name hashes as it always did (the same subsets as before),
+    one that is not hashes as its bytes on the disk (``os.fsencode``)."""
+    import hashlib
+    import os
+
+    from selfsup.eval.label_efficiency import _key_priority
+    from selfsup.names import display_name, name_bytes
+
+    def rank(raw: bytes) -> int:
+        return int.from_bytes(hashlib.sha256(b"3\x1f" + raw).digest()[:8], "little")
+
+    keys = ["cls/é.png", os.fsdecode(b"cls/\xff\xfeimg.png")]
+    assert _key_priority(keys, 3).tolist() == [rank("cls/é.png".encode()), rank(b"cls/\xff\xfeimg.png")]
+    assert name_bytes(keys[1]) == os.fsencode(keys[1]) and display_name(keys[1]) == "cls/\ufffd\ufffdimg.png"
+    assert display_name("cls/é.png") == "cls/é.png"
+
+
+def test_a_strict_stdout_prints_undecodable_paths_escaped(monkeypatch):
+    """Under a UTF-8 locale stdout is strict: printing a run folder that is not UTF-8 failed with
+    UnicodeEncodeError after the work was done. The CLI prints it escaped, as stderr does."""
+    import io
+    import os
+    import sys
+
+    from selfsup import cli
+
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    with pytest.raises(UnicodeEncodeError):
+        print(os.fsdecode(b"\xferuns"))
+    cli._printable_names()
+    print(os.fsdecode(b"\xferuns"))
+    stdout.flush()
+    assert raw.getvalue().endswith(b"\\udcferuns\n")

@@ -29,6 +29,7 @@ from torch import nn
 from selfsup.checkpoint import clean_stale_temp_files, disk_full, finish_temp, no_space_error, reserve_space
 from selfsup.data.datasets import batch_collate, load_dataset
 from selfsup.errors import ConfigError
+from selfsup.names import name_bytes
 from selfsup.progress import BarCallback
 from selfsup.quiet import quiet_lightning
 
@@ -74,7 +75,7 @@ def data_fingerprint(dataset, keys: list[str] | None = None) -> str:
     if labels is not None:
         h.update(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes())
     for key in keys or ():
-        h.update(key.encode() + b"\n")
+        h.update(name_bytes(key) + b"\n")
     return h.hexdigest()
 
 
@@ -319,7 +320,7 @@ def _extract_layers(encoder: nn.Module, dataset, layers, refresh: bool, **run) -
         def writer() -> _MultiWriter:
             return _MultiWriter([_CacheWriter(files[t][0], n, sub.dims[t], dtype, files[t][1]) for t in todo])
 
-        key = hashlib.sha256("".join(str(files[t][0]) for t in todo).encode()).hexdigest()[:24]
+        key = hashlib.sha256(name_bytes("".join(str(files[t][0]) for t in todo))).hexdigest()[:24]
         shown = ", ".join(todo) if len(todo) <= 4 else f"{len(todo)} layers"
         run["label"] = f"{run['label']} [{shown}]"
         _extract(LayerEncoder(encoder, sub), dataset, key, writer, **run)
