@@ -9,6 +9,7 @@ import argparse
 import inspect
 import os
 import re
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -629,7 +630,21 @@ def _printable_names() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``selfsup`` command; its exit status. Ctrl-C and SIGTERM end it with one line, 130 or 143."""
+    from selfsup.startup import Terminated, command_signals, ignore_further_signals, what
+
     _printable_names()
+    with command_signals():
+        try:
+            return _main(argv)
+        except (KeyboardInterrupt, Terminated) as err:
+            ignore_further_signals()  # a second Ctrl-C does not cut the line short
+            signum = signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM
+            print(f"selfsup: {what(signum)}", file=sys.stderr)
+            return 128 + signum
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     sys.argv = [sys.argv[0], *argv]  # DDP's launcher re-runs the command line
     pre = argparse.ArgumentParser(add_help=False)
@@ -665,9 +680,6 @@ def main(argv: list[str] | None = None) -> int:
     except SelfsupError as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
-    except KeyboardInterrupt:
-        print("selfsup: interrupted", file=sys.stderr)
-        return 130
     except OSError as e:  # read-only or full disk, a vanished file: name it in one line
         where = f"{e.filename}: " if e.filename else ""
         print(f"selfsup: error: {where}{e.strerror or e}", file=sys.stderr)

@@ -127,6 +127,11 @@ class StartupInterrupted(Exception):
     """Ctrl-C before training started (Lightning turns a ``KeyboardInterrupt`` into ``sys.exit(1)``)."""
 
 
+class SecondInterrupt(BaseException):
+    """The second Ctrl-C in training: stop at once, unsaved. Not a ``KeyboardInterrupt``, which Lightning turns
+    into ``sys.exit(1)`` with no word; a ``BaseException``, so that Lightning passes it on."""
+
+
 class SaveOnSigterm(Callback):
     """On SIGTERM (a scheduler's pre-emption, ``kill``) or Ctrl-C (SIGINT), save the step Lightning stopped at.
 
@@ -187,7 +192,7 @@ class SaveOnSigterm(Callback):
         def on_sigint(signum, frame) -> None:
             if self.interrupted:  # the second Ctrl-C: stop now
                 self._restore()
-                raise KeyboardInterrupt
+                raise SecondInterrupt
             self.interrupted = True
             self.path = self.interrupt_path
             if self._in_validation:
@@ -229,10 +234,12 @@ class SaveOnSigterm(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-        self._restore()
-        if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
-            self.saved = True
+        try:  # Ctrl-C stays this callback's while the step is saved: a second one stops the save at once
+            if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
+                trainer.save_checkpoint(self.path)
+                self.saved = True
+        finally:
+            self._restore()
 
 
 class KeepCheckpoints(Callback):

@@ -316,3 +316,166 @@ def test_a_strict_stdout_prints_undecodable_paths_escaped(monkeypatch):
     print(os.fsdecode(b"\xferuns"))
     stdout.flush()
     assert raw.getvalue().endswith(b"\\udcferuns\n")
+
+
+def _wait_for_torch_import(pid: int, timeout: float = 300.0) -> bool:
+    """Whether process ``pid`` got to loading torch's shared libraries (it is importing torch: selfsup's own
+    start-up handlers are in place by then) within ``timeout``; False if it ended first."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if "torch" in f.read():
+                    return True
+        except OSError:
+            return False
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.parametrize("signame, code, words", [("SIGINT", 130, "interrupted by Ctrl-C"),
+                                                   ("SIGTERM", 143, "stopped by SIGTERM")])
+def test_a_signal_while_the_command_imports_is_one_line(tmp_path, signame, code, words):
+    """Item 9: Ctrl-C while torch was imported printed a ``KeyboardInterrupt`` traceback; SIGTERM ended the
+    process with no word. A real ``python -m selfsup pretrain``, signalled while it loads torch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc to see when the process loads torch")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "selfsup", "pretrain", "--image-size", "8", "--max-steps", "5",
+                          "--output", str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, cwd=tmp_path)
+    try:
+        assert _wait_for_torch_import(p.pid), p.communicate()
+        p.send_signal(getattr(signal, signame))
+        out, err = p.communicate(timeout=600)
+    finally:
+        p.kill()
+    assert p.returncode == code, (p.returncode, err[-3000:])
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        f"selfsup: {words} while starting (nothing was written)"], err[-3000:]
+    assert not (tmp_path / "runs").exists()
+
+
+# The CLI, sending itself a signal at a chosen moment (a real signal, from inside, so that the moment is exact).
+SIGNALLED_CLI = """
+import os, signal, sys
+from pytorch_lightning.callbacks import Callback
+import selfsup.train
+from selfsup.data.datamodule import SelfSupDataModule
+from selfsup.cli import main
+
+when, signals = sys.argv[1], [getattr(signal, s) for s in sys.argv[2].split(",")]
+
+def send():
+    for s in signals:
+        os.kill(os.getpid(), s)
+
+if when == "data":  # before training: the data is being set up, no run folder yet
+    setup = SelfSupDataModule.setup
+    def setup_then_signal(self, stage=None):
+        send()
+        return setup(self, stage)
+    SelfSupDataModule.setup = setup_then_signal
+
+class SignalAt(Callback):
+    def setup(self, trainer, *args, **kwargs):  # in the fit, before Lightning's own handlers and the first step
+        if when == "fit":
+            send()
+    def on_train_batch_end(self, trainer, *args):
+        if when == "step" and trainer.global_step == 3:
+            send()
+
+run = selfsup.train.pretrain
+selfsup.train.pretrain = lambda cfg, resume=False: run(cfg, resume=resume, callbacks=[SignalAt()])
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when, signals, code, says", [
+    ("data", "SIGTERM", 143, "stopped by SIGTERM before training started (no run folder was made)"),
+    ("fit", "SIGTERM", 143, "stopped by SIGTERM before the first step (nothing to resume, nothing kept in {run})"),
+    ("data", "SIGINT,SIGINT", 130, "interrupted by Ctrl-C before training started (no run folder was made)"),
+    ("step", "SIGINT,SIGINT", 130, "interrupted by a second Ctrl-C: stopped at once, this step unsaved (continue "
+                                   "from its last checkpoint with: selfsup pretrain --resume --name r --output"),
+])
+def test_a_signal_before_training_or_a_second_ctrl_c_is_one_line(tmp_path, when, signals, code, says):
+    """Item 9: SIGTERM before training ended the process with 143 and no word; a second Ctrl-C in training
+    ended it with 1 and no word (Lightning turns ``KeyboardInterrupt`` into ``sys.exit(1)``)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = tmp_path / "runs"
+    r = subprocess.run([sys.executable, "-c", SIGNALLED_CLI, when, signals, "pretrain", "--image-size", "8",
+                        "--batch-size", "256", "--max-steps", "6", "--checkpoint-every", "2", "--no-online-probe",
+                        "--output", str(runs), "--name", "r"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("selfsup: error: " + says.format(run=runs / "r")), lines[0]
+    if when == "step":  # stopped at once: the checkpoints of steps 2 (and the step-3 save that was cut) only
+        assert sorted(p.name for p in (runs / "r" / "checkpoints").iterdir()) == ["step=2.ckpt"]
+    else:
+        assert not (runs / "r").exists()
+
+
+def test_sigterm_during_an_evaluation_command_is_one_line_and_restores_the_handlers(tmp_path, monkeypatch):
+    """A command outside training (here ``probe``, while it prepares): SIGTERM is one line and 143, Ctrl-C one
+    line and 130; the handlers before the command are back afterwards (the CLI called in this process)."""
+    import os
+    import signal
+
+    from selfsup.eval import harness
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for signum, code, words in ((signal.SIGTERM, 143, "stopped by SIGTERM"),
+                                (signal.SIGINT, 130, "interrupted by Ctrl-C")):
+        monkeypatch.setattr(harness, "prepare", lambda *a, signum=signum, **k: os.kill(os.getpid(), signum))
+        r = run_cli_here("probe", "--random-init", "convnet_small", "--data", "digits", "--image-size", "8",
+                         cwd=tmp_path)
+        assert r.returncode == code and r.stderr == f"selfsup: {words}\n", (r.returncode, r.stderr)
+        assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_forked_workers_end_quietly_under_the_commands_signal_handlers(tmp_path, capfd):
+    """The decoding pool's workers are forked and inherit the command's handlers; ``pool.terminate()`` ends them
+    with SIGTERM. With the command's SIGTERM handler they each printed a ``Terminated`` traceback (and a worker
+    stuck in C would never have run it, leaving the pool's join waiting); forked, they take the defaults."""
+    import signal
+
+    import numpy as np
+    from PIL import Image
+
+    from selfsup.data.cache import _decode_files
+    from selfsup.errors import DataError
+    from selfsup.startup import command_signals
+
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    paths = [str(tmp_path / "bad.png")]  # the first chunk fails: the pool is ended while its workers are busy
+    for i in range(2000):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(paths[-1])
+    out = np.zeros((len(paths), 8, 8, 3), dtype=np.uint8)
+    before = signal.getsignal(signal.SIGTERM)
+    with command_signals():
+        assert signal.getsignal(signal.SIGTERM) is not before
+        with pytest.raises(DataError, match="bad.png"):
+            _decode_files(paths, 8, out, skip_bad=False, workers=2)
+        assert _decode_files(paths[1:65], 8, out[:64], skip_bad=False, workers=2) == []  # and a whole run
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert out[:64, 0, 0, 0].tolist() == list(range(64))
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Terminated" not in err, err
