@@ -450,6 +450,42 @@ def test_sigterm_during_an_evaluation_command_is_one_line_and_restores_the_handl
         assert {s: signal.getsignal(s) for s in before} == before
 
 
+def test_a_damaged_layer_cache_is_rebuilt_with_a_note(tmp_path, capsys):
+    """Item 5 for ``--layers``: a layer's cache file was reused whatever it held; a truncated one failed in the
+    memory map, an edited one was read as it was. Now each is checked like the main cache, and rebuilt."""
+    import numpy as np
+
+    from selfsup.eval.features import extract_features
+    from selfsup.ssl.backbone import Backbone
+    from selfsup.ssl.module import ImageEncoder
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    enc = ImageEncoder(Backbone("convnet_small")).eval()
+    kw = dict(image_size=8, cache_dir=tmp_path, progress=False, split="val", layers="all")
+    first = extract_features(enc, "digits", **kw)
+    good = {name: (f.path, f.path.read_bytes(), np.array(f.x), np.array(f.y)) for name, f in first.items()}
+    assert len(good) >= 3
+    inner = next(name for name in good if name != "out")
+    damages = {
+        "truncated": lambda b: b[:-100],
+        "label edited": lambda b: b[:-8] + (int.from_bytes(b[-8:], "little") + 1).to_bytes(8, "little"),
+    }
+    for layer in (inner, "out"):  # a pooled stage's own file, and the encoder's output (shared with probe)
+        path, raw, x, y = good[layer]
+        for what, damage in damages.items():
+            path.write_bytes(damage(raw))
+            capsys.readouterr()
+            again = extract_features(enc, "digits", **kw)
+            err = capsys.readouterr().err
+            assert err.count("selfsup: note: feature cache") == 1, (layer, what, err)
+            assert f"selfsup: note: feature cache {path} is damaged (" in err and "extracting again" in err
+            assert np.array_equal(np.array(again[layer].x), x) and np.array_equal(np.array(again[layer].y), y)
+            assert path.read_bytes() == raw, (layer, what)
+            for other, (p, r, _, _) in good.items():  # the whole layers were kept, not extracted again
+                assert p.read_bytes() == r, other
+
+
 def test_forked_workers_end_quietly_under_the_commands_signal_handlers(tmp_path, capfd):
     """The decoding pool's workers are forked and inherit the command's handlers; ``pool.terminate()`` ends them
     with SIGTERM. With the command's SIGTERM handler they each printed a ``Terminated`` traceback (and a worker

@@ -286,15 +286,24 @@ def extract_features(
         return _extract_layers(encoder, dataset, layers, refresh, **run)
     key, meta = _cache_key(encoder, dataset, split, dtype)
     path = cache_dir / f"{key}.safetensors"
-    if path.is_file() and not refresh:
-        damage = check_cache_file(path)
-        if damage is None:
-            return _load(path)
-        print(f"selfsup: note: feature cache {path} is damaged ({damage}); extracting again", file=sys.stderr)
-        path.unlink(missing_ok=True)
+    if not refresh and _cached(path):
+        return _load(path)
     dim = encoder_dim(encoder)
     _extract(encoder, dataset, key, lambda: _CacheWriter(path, len(dataset), dim, dtype, meta), **run)
     return _load(path)
+
+
+def _cached(path: Path) -> bool:
+    """Whether the cache file ``path`` is there and whole (:func:`check_cache_file`); a damaged one is removed
+    with a one-line note, so that it is extracted again."""
+    if not path.is_file():
+        return False
+    damage = check_cache_file(path)
+    if damage is None:
+        return True
+    print(f"selfsup: note: feature cache {path} is damaged ({damage}); extracting again", file=sys.stderr)
+    path.unlink(missing_ok=True)
+    return False
 
 
 def _extract_layers(encoder: nn.Module, dataset, layers, refresh: bool, **run) -> dict[str, Features]:
@@ -312,7 +321,7 @@ def _extract_layers(encoder: nn.Module, dataset, layers, refresh: bool, **run) -
             key = hashlib.sha256(json.dumps({**meta, **extra}, sort_keys=True).encode()).hexdigest()[:24]
             meta = {**meta, **extra}
         files[layer] = (cache_dir / f"{key}.safetensors", meta)
-    todo = [n for n in plan.names if refresh or not files[n][0].is_file()]
+    todo = [n for n in plan.names if refresh or not _cached(files[n][0])]  # a damaged layer file is extracted again
     if todo:
         sub = LayerPlan(todo, {n: plan.grids[n] for n in todo}, {n: plan.dims[n] for n in todo}, plan.available)
         n = len(dataset)
