@@ -20,6 +20,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, Timer
 
+from selfsup import startup
+
 
 def rng_state() -> dict:
     """Every RNG training draws from, as tensors and plain values (loadable with ``weights_only=True``)."""
@@ -158,6 +160,9 @@ class SaveOnSigterm(Callback):
         self._in_validation = False
         self._previous_sigterm = None
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        startup.lightning_stops_training(True)  # the CLI's SIGTERM handler leaves the stop to Lightning now
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != "fit":  # a validation of its own (trainer.validate) stops where it is asked to
             return
@@ -221,6 +226,7 @@ class SaveOnSigterm(Callback):
             signal.signal(signal.SIGINT, previous)
 
     def _restore(self) -> None:
+        startup.lightning_stops_training(False)
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None

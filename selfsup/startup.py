@@ -75,9 +75,21 @@ def install_at_import() -> None:
             signal.signal(signum, _exit_at_start)
 
 
+_LIGHTNING_STOPS_TRAINING = False
+
+
+def lightning_stops_training(on: bool) -> None:
+    """Set while pretraining's fit runs (:class:`~selfsup.resume.SaveOnSigterm`): Lightning's SIGTERM handler,
+    which calls this module's, then stops the run at a step boundary and the step is saved. Any other run of
+    Lightning (feature extraction's ``predict``, a fine-tuning fit) does not stop on SIGTERM by itself (the
+    extraction went on to its end): there this handler raises :class:`Terminated`, as outside Lightning."""
+    global _LIGHTNING_STOPS_TRAINING
+    _LIGHTNING_STOPS_TRAINING = on
+
+
 def _raise_terminated(signum: int, frame) -> None:
-    if signal.getsignal(signal.SIGTERM) is not _raise_terminated:
-        return  # called by the handler that took over (Lightning's, in training): that one stops the run
+    if _LIGHTNING_STOPS_TRAINING and signal.getsignal(signal.SIGTERM) is not _raise_terminated:
+        return  # called by Lightning's handler in pretraining: that one stops the run and the step is saved
     raise Terminated
 
 

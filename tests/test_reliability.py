@@ -515,3 +515,30 @@ def test_forked_workers_end_quietly_under_the_commands_signal_handlers(tmp_path,
     assert out[:64, 0, 0, 0].tolist() == list(range(64))
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Terminated" not in err, err
+
+
+def test_sigterm_during_feature_extraction_leaves_no_half_filled_cache(tmp_path, monkeypatch):
+    """SIGTERM (or Ctrl-C, or an error) in the middle of an extraction left the preallocated cache file, as
+    large as the finished one, under a temporary name until a later extraction in that folder; now it goes
+    at once. A real SIGTERM, sent by the process to itself at the third batch."""
+    import os
+    import signal
+
+    from selfsup.eval.features import _Extractor
+
+    step = _Extractor.predict_step
+
+    def signalled(self, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, batch_idx, dataloader_idx)
+
+    monkeypatch.setattr(_Extractor, "predict_step", signalled)
+    args = ("features", "--random-init", "convnet_small", "--data", "digits", "--image-size", "8", "--no-baselines",
+            "--batch-size", "64", "--output", str(tmp_path / "out"))
+    r = run_cli_here(*args, cwd=tmp_path)
+    assert r.returncode == 143 and r.stderr == "selfsup: stopped by SIGTERM\n", (r.returncode, r.stderr[-2000:])
+    assert [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
+    monkeypatch.setattr(_Extractor, "predict_step", step)
+    r = run_cli_here(*args, cwd=tmp_path)
+    assert r.returncode == 0 and "train (1437, 128)" in r.stdout, r.stderr[-2000:]

@@ -13,6 +13,7 @@ memory-maps the file, so an ImageNet-size cache (1.28M x 2048) never has to fit 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -356,7 +357,12 @@ def _extract(
         world = trainer.world_size
         if world == 1:
             module.sink = make_writer()
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        try:
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+        except BaseException:  # an error, Ctrl-C or SIGTERM: the half-filled file goes now, not at the next run
+            if module.sink is not None:
+                module.sink.discard()
+            raise
 
     rank = trainer.global_rank
     if world == 1:
@@ -450,6 +456,12 @@ class _CacheWriter:
         self.labels[rows] = labels.long().numpy()
         self.seen[rows] = True  # a padded sampler may send a row twice: same values, written twice
 
+    def discard(self) -> None:
+        """Remove the unfinished file (extraction stopped)."""
+        with contextlib.suppress(AttributeError):
+            del self.features, self.labels
+        self.tmp.unlink(missing_ok=True)
+
     def close(self) -> None:
         missing = int((~self.seen).sum())
         self.features.flush()
@@ -532,6 +544,10 @@ class _MultiWriter:
     def close(self) -> None:
         for w in self.writers:
             w.close()
+
+    def discard(self) -> None:
+        for w in self.writers:
+            w.discard()
 
 
 def warn_if_other_images(encoder: nn.Module, dataset) -> None:

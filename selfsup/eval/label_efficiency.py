@@ -202,10 +202,12 @@ def read_subset_file(path: str | Path) -> list[str]:
     so a name that is not UTF-8 (``b'\\xff\\xfeimg.jpg'``) matches the file it names; a UTF-8 byte-order mark is
     ignored."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"subset file {path} is a folder; give a text file listing one image per line")
     if not path.is_file():
         raise ConfigError(f"subset file {path} does not exist")
     raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
-    lines = [from_bytes(ln.strip()).replace("\\", "/") for ln in raw.splitlines()]
+    lines = [from_bytes(ln.strip()).replace("\\", "/").removeprefix("./") for ln in raw.splitlines()]
     entries = [ln for ln in lines if ln and not ln.startswith("#")]
     if not entries:
         raise ConfigError(f"subset file {path} lists no image")
@@ -242,6 +244,13 @@ def subset_from_file(path: str | Path, keys: Sequence[str]) -> np.ndarray:
                           f"of the data, e.g. {display_name(missing[0])!r}")
     if ambiguous:
         raise ConfigError(f"subset file {path}: {display_name(ambiguous[0])!r} matches several images; give relative paths")
+    owner: dict[int, str] = {}  # every entry matched one image here; two naming one image made the budget short
+    for i, entry in zip(chosen, entries, strict=True):
+        if i in owner:
+            same = "is listed twice" if owner[i] == entry else f"and {display_name(entry)!r} name the same image"
+            raise ConfigError(f"subset file {path}: {display_name(owner[i])!r} {same} ({len(entries)} lines, "
+                              f"{len(set(chosen))} images); list each image once")
+        owner[i] = entry
     return np.unique(np.asarray(chosen, dtype=np.int64))
 
 
