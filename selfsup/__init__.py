@@ -11,6 +11,10 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING
 
+from selfsup.startup import install_at_import
+
+install_at_import()  # the `selfsup` command only: Ctrl-C or SIGTERM while torch loads is one line, 130 or 143
+
 # Lightning imports tqdm.auto, which warns in a notebook without ipywidgets; selfsup draws rich's bars.
 warnings.filterwarnings("ignore", message="IProgress not found")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -665,7 +666,31 @@ def build_parser(method: str = "rotation") -> argparse.ArgumentParser:
     return parser
 
 
+def _printable_names() -> None:
+    """Print a path that is not UTF-8 (its bytes are lone surrogates in Python) with backslash escapes, as
+    stderr does, instead of failing with ``UnicodeEncodeError`` after the work is done (a UTF-8 locale's
+    stdout is strict)."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``selfsup`` command; its exit status. Ctrl-C and SIGTERM end it with one line, 130 or 143."""
+    from selfsup.startup import Terminated, command_signals, ignore_further_signals, what
+
+    _printable_names()
+    with command_signals():
+        try:
+            return _main(argv)
+        except (KeyboardInterrupt, Terminated) as err:
+            ignore_further_signals()  # a second Ctrl-C does not cut the line short
+            signum = signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM
+            print(f"selfsup: {what(signum)}", file=sys.stderr)
+            return 128 + signum
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     sys.argv = [sys.argv[0], *argv]  # DDP's launcher re-runs the command line
     pre = argparse.ArgumentParser(add_help=False)
@@ -701,9 +726,6 @@ def main(argv: list[str] | None = None) -> int:
     except SelfsupError as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
-    except KeyboardInterrupt:
-        print("selfsup: interrupted", file=sys.stderr)
-        return 130
     except OSError as e:  # read-only or full disk, a vanished file: name it in one line
         where = f"{e.filename}: " if e.filename else ""
         print(f"selfsup: error: {where}{e.strerror or e}", file=sys.stderr)

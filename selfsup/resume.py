@@ -20,6 +20,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, Timer
 
+from selfsup import startup
+
 
 def rng_state() -> dict:
     """Every RNG training draws from, as tensors and plain values (loadable with ``weights_only=True``)."""
@@ -134,6 +136,11 @@ class StartupInterrupted(Exception):
     """Ctrl-C before training started (Lightning turns a ``KeyboardInterrupt`` into ``sys.exit(1)``)."""
 
 
+class SecondInterrupt(BaseException):
+    """The second Ctrl-C in training: stop at once, unsaved. Not a ``KeyboardInterrupt``, which Lightning turns
+    into ``sys.exit(1)`` with no word; a ``BaseException``, so that Lightning passes it on."""
+
+
 class SaveOnSigterm(Callback):
     """On SIGTERM (a scheduler's pre-emption, ``kill``) or Ctrl-C (SIGINT), save the step Lightning stopped at.
 
@@ -159,6 +166,9 @@ class SaveOnSigterm(Callback):
         self._deferred = False
         self._in_validation = False
         self._previous_sigterm = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        startup.lightning_stops_training(True)  # the CLI's SIGTERM handler leaves the stop to Lightning now
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != "fit":  # a validation of its own (trainer.validate) stops where it is asked to
@@ -194,7 +204,7 @@ class SaveOnSigterm(Callback):
         def on_sigint(signum, frame) -> None:
             if self.interrupted:  # the second Ctrl-C: stop now
                 self._restore()
-                raise KeyboardInterrupt
+                raise SecondInterrupt
             self.interrupted = True
             self.path = self.interrupt_path
             if self._in_validation:
@@ -223,6 +233,7 @@ class SaveOnSigterm(Callback):
             signal.signal(signal.SIGINT, previous)
 
     def _restore(self) -> None:
+        startup.lightning_stops_training(False)
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
@@ -236,10 +247,12 @@ class SaveOnSigterm(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-        self._restore()
-        if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
-            self.saved = True
+        try:  # Ctrl-C stays this callback's while the step is saved: a second one stops the save at once
+            if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
+                trainer.save_checkpoint(self.path)
+                self.saved = True
+        finally:
+            self._restore()
 
 
 class KeepCheckpoints(Callback):

@@ -57,10 +57,18 @@ from selfsup.errors import ConfigError, TrainingError, TrainingInterrupted, Trai
 from selfsup.eval.online import OnlineLinearProbe
 from selfsup.progress import lightning_bar
 from selfsup.quiet import quiet_lightning
-from selfsup.resume import ExactResume, FreshTimer, KeepCheckpoints, SaveOnSigterm, StartupInterrupted
+from selfsup.resume import (
+    ExactResume,
+    FreshTimer,
+    KeepCheckpoints,
+    SaveOnSigterm,
+    SecondInterrupt,
+    StartupInterrupted,
+)
 from selfsup.runs import claim_run_dir, merge_metrics, set_aside_metrics
 from selfsup.ssl.module import METHODS, SSLModule, build_method
 from selfsup.ssl.module import method_arguments as class_arguments
+from selfsup.startup import Terminated
 
 
 def method_arguments(method: str) -> dict[str, inspect.Parameter]:
@@ -157,29 +165,47 @@ def pretrain(config: dict | None = None, resume: bool = False, callbacks: list |
     if not launcher_zero and not os.environ.get(RUN_DIR_ENV) and not cfg["name"]:
         raise ConfigError("a run started by torchrun or SLURM needs --name, so that every rank uses one directory")
 
-    pl.seed_everything(cfg["seed"], workers=True, verbose=False)
-    dm = SelfSupDataModule(**cfg["data"], seed=cfg["seed"])
-    dm.setup("fit")
-    if "image_size" in method_arguments(cfg["method"]) and "image_size" not in (config or {}).get("model", {}):
-        cfg["model"]["image_size"] = dm.image_size  # methods that cut images (CPC's grid) follow the data
-    model = build_method(cfg["method"], cfg["model"])
+    claimed: list[Path] = []
+    try:
+        pl.seed_everything(cfg["seed"], workers=True, verbose=False)
+        dm = SelfSupDataModule(**cfg["data"], seed=cfg["seed"])
+        dm.setup("fit")
+        if "image_size" in method_arguments(cfg["method"]) and "image_size" not in (config or {}).get("model", {}):
+            cfg["model"]["image_size"] = dm.image_size  # methods that cut images (CPC's grid) follow the data
+        model = build_method(cfg["method"], cfg["model"])
 
-    if launcher_zero:
-        base = f"{cfg['method']}-{cfg['model'].get('backbone', 'model')}"
-        claim = claim_run_dir(cfg["output"], cfg["name"], base, resume)
-    else:  # Lightning's DDP launcher re-runs this command for the other ranks: rank 0 chose the directory.
-        claim = contextlib.nullcontext(Path(os.environ.get(RUN_DIR_ENV) or Path(cfg["output"]) / cfg["name"]))
-    with claim as run_dir:
-        previous = os.environ.get(RUN_DIR_ENV)
-        os.environ[RUN_DIR_ENV] = str(run_dir)  # for the ranks Lightning's launcher starts during the fit
-        cfg["name"] = run_dir.name
-        try:
-            return _fit(cfg, run_dir, dm, model, resume, callbacks or [], launcher_zero)
-        finally:  # not for the next run of this process, nor the processes it starts (torchrun ranks)
-            if previous is None:
-                os.environ.pop(RUN_DIR_ENV, None)
-            else:
-                os.environ[RUN_DIR_ENV] = previous
+        if launcher_zero:
+            base = f"{cfg['method']}-{cfg['model'].get('backbone', 'model')}"
+            claim = claim_run_dir(cfg["output"], cfg["name"], base, resume)
+        else:  # Lightning's DDP launcher re-runs this command for the other ranks: rank 0 chose the directory.
+            claim = contextlib.nullcontext(Path(os.environ.get(RUN_DIR_ENV) or Path(cfg["output"]) / cfg["name"]))
+        with claim as run_dir:
+            claimed.append(run_dir)
+            previous = os.environ.get(RUN_DIR_ENV)
+            os.environ[RUN_DIR_ENV] = str(run_dir)  # for the ranks Lightning's launcher starts during the fit
+            cfg["name"] = run_dir.name
+            try:
+                return _fit(cfg, run_dir, dm, model, resume, callbacks or [], launcher_zero)
+            finally:  # not for the next run of this process, nor the processes it starts (torchrun ranks)
+                if previous is None:
+                    os.environ.pop(RUN_DIR_ENV, None)
+                else:
+                    os.environ[RUN_DIR_ENV] = previous
+    except (KeyboardInterrupt, Terminated) as err:  # outside the training loop, which has its own handling
+        raise _stopped_outside_training(err, cfg, claimed[0] if claimed else None, resume) from None
+
+
+def _stopped_outside_training(err: BaseException, cfg: dict, run_dir: Path | None, resume: bool) -> TrainingStopped:
+    """The one line for Ctrl-C (``KeyboardInterrupt``) or SIGTERM (:class:`~selfsup.startup.Terminated`) that
+    arrived while no training loop ran (the data set up, the run folder claimed, the export written)."""
+    what, error = ("interrupted by Ctrl-C", TrainingInterrupted) if isinstance(err, KeyboardInterrupt) else \
+        ("stopped by SIGTERM", TrainingStopped)
+    if run_dir is None:
+        return error(f"{what} before training started (no run folder was made); rerun the command to start again")
+    if not any(run_dir.glob("checkpoints/*.ckpt")):  # claim_run_dir removed (or emptied) a run with no checkpoint
+        return error(f"{what} before the first step (nothing to resume, nothing kept in {run_dir}); rerun the "
+                     "command to start again")
+    return error(f"{what} ({run_dir} is kept; continue or finish it with: {resume_command(cfg, run_dir)})")
 
 
 def resume_command(cfg: dict, run_dir: Path) -> str:
@@ -324,9 +350,18 @@ def _fit(cfg: dict, run_dir: Path, dm: SelfSupDataModule, model: SSLModule, resu
             with sigterm.startup_guard():
                 trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except StartupInterrupted:
+        if trainer.global_step > (resumed_step or 0):  # pressed as the fit ended, its steps all trained
+            raise TrainingInterrupted(f"interrupted by Ctrl-C after training (its checkpoints are kept in {ckpt_dir}; "
+                                      f"write its export with: {resume_command(cfg, run_dir)})") from None
         kept = (f"nothing new; continue it with: {resume_command(cfg, run_dir)}" if resume
                 else f"nothing to resume, nothing kept in {run_dir}; rerun the command to start again")
         raise TrainingInterrupted(f"interrupted by Ctrl-C before the first step ({kept})") from None
+    except SecondInterrupt:  # Lightning would have said nothing and exited with 1
+        if any(ckpt_dir.glob("*.ckpt")):
+            how = f"continue from its last checkpoint with: {resume_command(cfg, run_dir)}"
+        else:
+            how = f"nothing to resume, nothing kept in {run_dir}; rerun the command to start again"
+        raise TrainingInterrupted(f"interrupted by a second Ctrl-C: stopped at once, this step unsaved ({how})") from None
     except SIGTERMException:  # Lightning stopped at a batch boundary; SaveOnSigterm saved that step
         what, error = ("interrupted by Ctrl-C", TrainingInterrupted) if sigterm.interrupted else \
             ("stopped by SIGTERM", TrainingStopped)

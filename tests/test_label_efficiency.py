@@ -252,3 +252,20 @@ def test_all_budget_is_the_probe_fit_for_every_seed():
     assert [r["top1"] for r in entry["runs"]] == [probe["top1"]] * 3
     assert [r["weight_decay"] for r in entry["runs"]] == [probe["weight_decay"]] * 3
     assert entry["top1_std"] == 0.0
+
+
+def test_a_subset_file_naming_an_image_twice_is_refused_not_counted_short(tmp_path):
+    """A line repeated, or a bare name and a relative path of one image, made a budget of fewer images than the
+    file has lines, silently (the indices were deduplicated); ``./`` before a path (``find .``) matches."""
+    paths = ["train/n01/n01_1.JPEG", "train/n01/n01_2.JPEG", "train/n02/n02_1.JPEG"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("n01_2.JPEG\nn02_1.JPEG\nn01_2.JPEG\n")
+    with pytest.raises(ConfigError, match=r"'n01_2.JPEG' is listed twice \(3 lines, 2 images\); list each image"):
+        subset_from_file(listing, paths)
+    listing.write_text("n01_2.JPEG\nn01/n01_2.JPEG\n")
+    with pytest.raises(ConfigError, match="'n01_2.JPEG' and 'n01/n01_2.JPEG' name the same image"):
+        subset_from_file(listing, paths)
+    listing.write_text("./n01/n01_2.JPEG\n./train/n02/n02_1.JPEG\n")
+    np.testing.assert_array_equal(subset_from_file(listing, paths), [1, 2])
+    with pytest.raises(ConfigError, match="is a folder; give a text file"):
+        subset_from_file(tmp_path, paths)

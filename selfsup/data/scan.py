@@ -15,6 +15,7 @@ from pathlib import Path
 
 from selfsup.data.decode import IMAGE_EXTENSIONS, not_image_message
 from selfsup.errors import DataError
+from selfsup.names import name_bytes
 
 
 def _visible_entries(directory: Path) -> list[os.DirEntry]:
@@ -123,14 +124,14 @@ def content_digest(root: Path, split: str, scan: Scan, decoding: list) -> str:
 
 def tree_fingerprint(root: Path, limit: int = 10_000) -> str:
     """Digest of the files under ``root`` (relative paths, sizes, modification times), at most ``limit``."""
-    h = hashlib.sha256(str(root).encode())
+    h = hashlib.sha256(name_bytes(str(root)))
     for i, (dirpath, dirnames, filenames) in enumerate(os.walk(root)):
         dirnames.sort()
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             with contextlib.suppress(OSError):
                 st = os.stat(path)
-                h.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(name_bytes(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n"))
         if i >= limit:
             break
     return h.hexdigest()

@@ -13,6 +13,7 @@ memory-maps the file, so an ImageNet-size cache (1.28M x 2048) never has to fit 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from torch import nn
 from selfsup.checkpoint import clean_stale_temp_files, disk_full, finish_temp, no_space_error, reserve_space
 from selfsup.data.datasets import batch_collate, load_dataset
 from selfsup.errors import ConfigError
+from selfsup.names import name_bytes
 from selfsup.progress import BarCallback
 from selfsup.quiet import quiet_lightning
 
@@ -79,7 +81,7 @@ def data_fingerprint(dataset, keys: list[str] | None = None) -> str:
     if labels is not None:
         h.update(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes())
     for key in keys or ():
-        h.update(key.encode() + b"\n")
+        h.update(name_bytes(key) + b"\n")
     return h.hexdigest()
 
 
@@ -290,15 +292,24 @@ def extract_features(
         return _extract_layers(encoder, dataset, layers, refresh, **run)
     key, meta = _cache_key(encoder, dataset, split, dtype)
     path = cache_dir / f"{key}.safetensors"
-    if path.is_file() and not refresh:
-        damage = check_cache_file(path)
-        if damage is None:
-            return _load(path)
-        print(f"selfsup: note: feature cache {path} is damaged ({damage}); extracting again", file=sys.stderr)
-        path.unlink(missing_ok=True)
+    if not refresh and _cached(path):
+        return _load(path)
     dim = encoder_dim(encoder)
     _extract(encoder, dataset, key, lambda: _CacheWriter(path, len(dataset), dim, dtype, meta), **run)
     return _load(path)
+
+
+def _cached(path: Path) -> bool:
+    """Whether the cache file ``path`` is there and whole (:func:`check_cache_file`); a damaged one is removed
+    with a one-line note, so that it is extracted again."""
+    if not path.is_file():
+        return False
+    damage = check_cache_file(path)
+    if damage is None:
+        return True
+    print(f"selfsup: note: feature cache {path} is damaged ({damage}); extracting again", file=sys.stderr)
+    path.unlink(missing_ok=True)
+    return False
 
 
 def _extract_layers(encoder: nn.Module, dataset, layers, refresh: bool, **run) -> dict[str, Features]:
@@ -316,7 +327,7 @@ def _extract_layers(encoder: nn.Module, dataset, layers, refresh: bool, **run) -
             key = hashlib.sha256(json.dumps({**meta, **extra}, sort_keys=True).encode()).hexdigest()[:24]
             meta = {**meta, **extra}
         files[layer] = (cache_dir / f"{key}.safetensors", meta)
-    todo = [n for n in plan.names if refresh or not files[n][0].is_file()]
+    todo = [n for n in plan.names if refresh or not _cached(files[n][0])]  # a damaged layer file is extracted again
     if todo:
         sub = LayerPlan(todo, {n: plan.grids[n] for n in todo}, {n: plan.dims[n] for n in todo}, plan.available)
         n = len(dataset)
@@ -324,7 +335,7 @@ def _extract_layers(encoder: nn.Module, dataset, layers, refresh: bool, **run) -
         def writer() -> _MultiWriter:
             return _MultiWriter([_CacheWriter(files[t][0], n, sub.dims[t], dtype, files[t][1]) for t in todo])
 
-        key = hashlib.sha256("".join(str(files[t][0]) for t in todo).encode()).hexdigest()[:24]
+        key = hashlib.sha256(name_bytes("".join(str(files[t][0]) for t in todo))).hexdigest()[:24]
         shown = ", ".join(todo) if len(todo) <= 4 else f"{len(todo)} layers"
         run["label"] = f"{run['label']} [{shown}]"
         _extract(LayerEncoder(encoder, sub), dataset, key, writer, **run)
@@ -351,7 +362,12 @@ def _extract(
         world = trainer.world_size
         if world == 1:
             module.sink = make_writer()
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        try:
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+        except BaseException:  # an error, Ctrl-C or SIGTERM: the half-filled file goes now, not at the next run
+            if module.sink is not None:
+                module.sink.discard()
+            raise
 
     rank = trainer.global_rank
     if world == 1:
@@ -445,6 +461,12 @@ class _CacheWriter:
         self.labels[rows] = labels.long().numpy()
         self.seen[rows] = True  # a padded sampler may send a row twice: same values, written twice
 
+    def discard(self) -> None:
+        """Remove the unfinished file (extraction stopped)."""
+        with contextlib.suppress(AttributeError):
+            del self.features, self.labels
+        self.tmp.unlink(missing_ok=True)
+
     def close(self) -> None:
         missing = int((~self.seen).sum())
         self.features.flush()
@@ -527,6 +549,10 @@ class _MultiWriter:
     def close(self) -> None:
         for w in self.writers:
             w.close()
+
+    def discard(self) -> None:
+        for w in self.writers:
+            w.discard()
 
 
 def warn_if_other_images(encoder: nn.Module, dataset) -> None:

@@ -73,6 +73,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from selfsup.errors import ConfigError
 from selfsup.eval.knn import knn_classify
 from selfsup.eval.linear import ArrayLike, as_labels, as_tensor, check_split, linear_probe
+from selfsup.names import display_name, from_bytes, name_bytes
 from selfsup.progress import make_progress
 
 SCHEMA = "selfsup.label_efficiency/1"
@@ -100,7 +101,7 @@ def _key_priority(keys: Sequence[str], seed: int) -> np.ndarray:
     """A 64-bit rank of every key: a SHA-256 hash of ``(seed, key)``, the same on every machine."""
     prefix = f"{seed}\x1f".encode()
     return np.fromiter(
-        (int.from_bytes(hashlib.sha256(prefix + k.encode()).digest()[:8], "little") for k in keys),
+        (int.from_bytes(hashlib.sha256(prefix + name_bytes(k)).digest()[:8], "little") for k in keys),
         dtype=np.uint64,
         count=len(keys),
     )
@@ -195,11 +196,18 @@ def subset_indices(
 
 def read_subset_file(path: str | Path) -> list[str]:
     """The entries of a subset list: one image file name or relative path per line (blank lines and
-    ``#`` comments skipped), e.g. SimCLR's ``1percent.txt`` / ``10percent.txt`` for ImageNet."""
+    ``#`` comments skipped), e.g. SimCLR's ``1percent.txt`` / ``10percent.txt`` for ImageNet.
+
+    The file is read as bytes, and each line taken as the file system names it (:func:`selfsup.names.from_bytes`),
+    so a name that is not UTF-8 (``b'\\xff\\xfeimg.jpg'``) matches the file it names; a UTF-8 byte-order mark is
+    ignored."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"subset file {path} is a folder; give a text file listing one image per line")
     if not path.is_file():
         raise ConfigError(f"subset file {path} does not exist")
-    lines = [ln.strip().replace("\\", "/") for ln in path.read_text().splitlines()]
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    lines = [from_bytes(ln.strip()).replace("\\", "/").removeprefix("./") for ln in raw.splitlines()]
     entries = [ln for ln in lines if ln and not ln.startswith("#")]
     if not entries:
         raise ConfigError(f"subset file {path} lists no image")
@@ -233,9 +241,16 @@ def subset_from_file(path: str | Path, keys: Sequence[str]) -> np.ndarray:
             chosen.append(hits[0])
     if missing:
         raise ConfigError(f"subset file {path}: {len(missing)} of {len(entries)} entries match no image "
-                          f"of the data, e.g. {missing[0]!r}")
+                          f"of the data, e.g. {display_name(missing[0])!r}")
     if ambiguous:
-        raise ConfigError(f"subset file {path}: {ambiguous[0]!r} matches several images; give relative paths")
+        raise ConfigError(f"subset file {path}: {display_name(ambiguous[0])!r} matches several images; give relative paths")
+    owner: dict[int, str] = {}  # every entry matched one image here; two naming one image made the budget short
+    for i, entry in zip(chosen, entries, strict=True):
+        if i in owner:
+            same = "is listed twice" if owner[i] == entry else f"and {display_name(entry)!r} name the same image"
+            raise ConfigError(f"subset file {path}: {display_name(owner[i])!r} {same} ({len(entries)} lines, "
+                              f"{len(set(chosen))} images); list each image once")
+        owner[i] = entry
     return np.unique(np.asarray(chosen, dtype=np.int64))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from selfsup.errors import ConfigError
 from selfsup.eval import viz
 from selfsup.eval.report import is_baseline
+from selfsup.names import display_name, displayable_figure
 
 SAMPLE_FOLDERS = ("samples", "colorization", "reconstructions")
 
@@ -57,7 +58,7 @@ def png_data_uri(fig_or_path) -> str:
         data = Path(fig_or_path).read_bytes()
     else:
         buf = io.BytesIO()
-        fig_or_path.savefig(buf, format="png", dpi=fig_or_path.dpi, bbox_inches="tight")
+        displayable_figure(fig_or_path).savefig(buf, format="png", dpi=fig_or_path.dpi, bbox_inches="tight")
         data = buf.getvalue()
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
@@ -277,7 +278,8 @@ def write_report(runs: list[str | Path], output: str | Path, data: str | None = 
     output.parent.mkdir(parents=True, exist_ok=True)
     from selfsup.checkpoint import atomic_write, disk_full, no_space_error
 
-    page = render(summaries, title="selfsup report: " + ", ".join(s.name for s in summaries)).encode()
+    page = render(summaries, title="selfsup report: " + ", ".join(s.name for s in summaries))
+    page = display_name(page).encode()  # a path that is not UTF-8 is shown with U+FFFD
     try:
         with atomic_write(output) as f:  # its temporary file goes on any failure
             f.write(page)

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from selfsup.errors import ConfigError
+from selfsup.names import display_name, displayable_figure
 
 BASELINE_PREFIXES = ("random", "pixels")
 _METRICS = ("top1", "top5")
@@ -60,7 +61,7 @@ def dataset_label(result: Mapping[str, Any]) -> str | None:
     name = result.get("dataset")
     spec = ((result.get("provenance") or {}).get("data") or {}).get("spec")
     if name == "folder" and spec:
-        return f"folder {Path(str(spec).rstrip('/')).name!r}"
+        return f"folder {display_name(Path(str(spec).rstrip('/')).name)!r}"
     return name
 
 
@@ -141,7 +142,7 @@ def plot_sweep(result: Mapping[str, Any], path: str | Path, metric: str = "top1"
     path = Path(path)
     fig = sweep_figure(result, metric)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    displayable_figure(fig).savefig(path, dpi=120)
     return path
 
 
@@ -190,7 +191,7 @@ def sweep_figure(result: Mapping[str, Any], metric: str = "top1"):
             # a floor's linear and kNN lines share its grey and dash: the method's marker, hollow, tells them apart
             ax.plot(
                 x, mean, linestyle=floor_style if baseline else style, marker=marker, markersize=5 if baseline else 4,
-                markerfacecolor="none" if baseline else color, color=color, label=f"{name} ({method})",
+                markerfacecolor="none" if baseline else color, color=color, label=display_name(f"{name} ({method})"),
                 linewidth=1.4 if baseline else 1.8,
             )  # fmt: skip
             ax.fill_between(
@@ -204,7 +205,7 @@ def sweep_figure(result: Mapping[str, Any], metric: str = "top1"):
             label = f"{b['percent']:g}%"
         else:  # "all", or a subset file ("file:1percent.txt")
             label = b["name"]
-        ticks.setdefault(xs[b["name"]], []).append(label)
+        ticks.setdefault(xs[b["name"]], []).append(display_name(label))  # a subset file named in bytes
     ax.set_xscale("log")
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())

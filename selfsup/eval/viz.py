@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from selfsup.errors import ConfigError
+from selfsup.names import display_name, displayable_figure
 
 WRONG = "#d62728"
 RIGHT = "#2ca02c"
@@ -33,7 +34,7 @@ def save(fig, path: str | Path) -> Path:
     """Write ``fig`` as a PNG (parent folders made); the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
+    displayable_figure(fig).savefig(path, dpi=fig.dpi, bbox_inches="tight")
     return path
 
 
@@ -89,7 +90,7 @@ def retrieval_grid(
         rest = np.setdiff1d(np.arange(len(labels)), chosen)
         chosen = np.concatenate([chosen, rng.choice(rest, queries - len(chosen), replace=False)])
     nn_idx = nearest_neighbours(train_x, np.asarray(test_x)[chosen], k)
-    classes = list(getattr(test_set, "classes", []))
+    classes = [display_name(c) for c in getattr(test_set, "classes", [])]  # bytes that are not UTF-8: U+FFFD
     train_labels = np.asarray(train_set.labels)
     height = 1.3 * len(chosen) + 0.6
     fig = _figure(1.15 * (k + 1), height)
@@ -158,7 +159,7 @@ def embedding_map(
     cmap = __import__("matplotlib").colormaps["tab10" if len(np.unique(y)) <= 10 else "tab20"]
     for j, c in enumerate(np.unique(y)):
         m = y == c
-        name = classes[int(c)] if classes is not None and int(c) < len(classes) else str(c)
+        name = display_name(classes[int(c)]) if classes is not None and int(c) < len(classes) else str(c)
         ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, color=cmap(j % cmap.N), label=name)
     ax.set_xlabel(axis[0])
     ax.set_ylabel(axis[1])

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -25,6 +26,7 @@ from selfsup.checkpoint import atomic_save, atomic_write_text, safe_torch_load
 from selfsup.data.geometry import TrainCrop
 from selfsup.data.transforms import make_augment, to_float
 from selfsup.errors import CheckpointError, ConfigError
+from selfsup.names import is_utf8_name
 from selfsup.ssl.backbone import Backbone
 
 METHODS: dict[str, type[SSLModule]] = {}
@@ -446,7 +448,10 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
         raise CheckpointError(f"{cfg_path}: exported with {recorded} features, but {config['method']} now builds "
                               f"{enc.num_features} from its hparams{hint}")
     try:
-        state = load_file(str(weights), device=str(map_location))
+        if is_utf8_name(str(weights)):
+            state = load_file(str(weights), device=str(map_location))
+        else:  # safetensors opens only UTF-8 paths: read the bytes here
+            state = {k: v.to(str(map_location)) for k, v in safetensors_load(weights.read_bytes()).items()}
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a bad file
         raise CheckpointError(f"{weights} cannot be read (empty, truncated or not safetensors): {err}") from None
     own = enc.state_dict()
