@@ -48,7 +48,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# ../shared/data beside the repo, or beside its parent for a worktree (/work/wt/<name> -> /work/shared)
+ARCHIVE = next((p / "shared" / "data" / "cifar10-jpeg.tar.gz" for p in (ROOT.parent, ROOT.parent.parent)
+                if (p / "shared" / "data" / "cifar10-jpeg.tar.gz").is_file()),
+               ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 
 SUPERVISED = "supervised (same backbone, from scratch)"
 KS = (1, 10, 100, None)

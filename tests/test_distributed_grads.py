@@ -18,8 +18,8 @@ a recorded draw left unused, or any draw that reached torch's generator without 
 the test: no draw is attributed by guess.
 
 No method is skipped: in eval mode none has a term that couples the images of a batch other than
-CPC's negatives (gathered with ``gather_negatives``; ``cpc+local_negatives`` is the expected failure
-that shows the comparison sees a missing gather; multitask's cpc task gathers, ``multitask+cpc_layer_norm``). The GAN losses are means of per-image terms over the
+CPC's and Exemplar's negatives (gathered with ``gather_negatives``; ``cpc+local_negatives`` and
+``exemplar+local_negatives`` are the expected failures that show the comparison sees a missing gather; multitask's cpc task gathers, ``multitask+cpc_layer_norm``). The GAN losses are means of per-image terms over the
 reals and over the fakes, so for them the check is that every ``z`` is replayed, not which rank gets
 which (a swap of the ranks' ``z`` halves gives the same averaged gradient). All methods run in one
 spawn of 2 processes, to keep the cost of starting them once.
@@ -35,17 +35,20 @@ from tests.conftest import fixed_batch
 
 pytestmark = pytest.mark.slow
 SIZE, BATCH = 16, 6  # 6: no other dimension of the methods' draws (latent sizes, 9 tiles, 2 coords) is a multiple
-DISTRIBUTED_KWARGS = {"cpc": {"gather_negatives": True}}  # what a method needs to see the global batch
+DISTRIBUTED_KWARGS = {"cpc": {"gather_negatives": True}, "exemplar": {"gather_negatives": True}}  # what a method needs to see the global batch
 # cases beyond one per method: "<method>+<label>" -> its options
 VARIANTS = {"multitask+all_tasks": {"tasks": "rotation,relative_position,jigsaw,colorization,cpc"},
             "cpc+local_negatives": {"gather_negatives": False}, "flow+train": {},
+            "exemplar+local_negatives": {"gather_negatives": False},
             "multitask+cpc_layer_norm": {"tasks": "cpc", "norm": "layer"}}
 # in training mode: flow's ActNorm initialises from the first batch (its statistics averaged over ranks) and
 # its random flips are replayed like any draw
 TRAIN_MODE = {"flow+train"}
 # must differ: shows the comparison sees a loss that does not gather what the single process sees
 UNEQUAL = {"cpc+local_negatives": "without gather_negatives each rank's InfoNCE has only its own half batch's "
-                                  "targets as candidates, the single process has the whole batch's"}
+                                  "targets as candidates, the single process has the whole batch's",
+           "exemplar+local_negatives": "without gather_negatives each rank's triplets take negatives from its own "
+                                       "half batch only, the single process from the whole batch"}
 
 SAMPLERS = ("rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal",
             "bernoulli", "multinomial", "poisson")  # torch.<name>

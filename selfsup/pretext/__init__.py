@@ -1,10 +1,11 @@
-"""Pretext-task methods: rotation, colorization, relative position, jigsaw and their multi-task combination.
+"""Pretext-task methods: rotation, colorization, relative position, jigsaw, exemplar and their multi-task combination.
 
 Each task is a :class:`~selfsup.pretext.task.Task` (reusable by ``multitask``) wrapped by a method; CPC v2
 (:mod:`selfsup.ssl.cpc`) is one too and is imported here, so that ``TASKS`` always has ``cpc``.
 """
 
 from selfsup.pretext.colorization import Colorization, ColorizationTask
+from selfsup.pretext.exemplar import Exemplar, ExemplarTask, triplet_loss
 from selfsup.pretext.jigsaw import Jigsaw, JigsawTask, permutation_set
 from selfsup.pretext.multitask import MultiTask
 from selfsup.pretext.relative_position import RelativePosition, RelativePositionTask
@@ -18,6 +19,8 @@ __all__ = [
     "CPCTask",
     "Colorization",
     "ColorizationTask",
+    "Exemplar",
+    "ExemplarTask",
     "Jigsaw",
     "JigsawTask",
     "MultiTask",
@@ -29,4 +32,5 @@ __all__ = [
     "permutation_set",
     "register_task",
     "rotate_batch",
+    "triplet_loss",
 ]
