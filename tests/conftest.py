@@ -9,7 +9,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CIFAR_TAR = next((p / "shared" / "data" / "cifar10-jpeg.tar.gz" for p in (ROOT.parent, ROOT.parent.parent)
+                  if (p / "shared" / "data" / "cifar10-jpeg.tar.gz").is_file()),
+                 ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")  # beside the clone, or a worktree's parent
 
 torch.set_num_threads(2)
 
