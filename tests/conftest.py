@@ -13,7 +13,8 @@ CIFAR_TAR = next((p / "shared" / "data" / "cifar10-jpeg.tar.gz" for p in (ROOT.p
                   if (p / "shared" / "data" / "cifar10-jpeg.tar.gz").is_file()),
                  ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")  # beside the clone, or a worktree's parent
 
-torch.set_num_threads(2)
+# 2 cores: one test at a time uses both; under pytest-xdist (-n 2, as .ci/run runs the slow suite) each worker one
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True)
