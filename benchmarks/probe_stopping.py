@@ -58,9 +58,10 @@ PRESETS = {
     "none": [],
 }
 RULES = {
-    "predictions (default)": {},
-    "predictions, patience 2": dict(patience=2),
-    "objective": dict(stop="objective"),
+    "objective (default)": {},
+    "objective, patience 2": dict(patience=2),
+    "predictions": dict(stop="predictions"),
+    "predictions, patience 2": dict(stop="predictions", patience=2),
     "gradient, tol 1e-4/1e-3": dict(stop="gradient", tol=1e-4, path_tol=1e-3, min_iter=5, patience=2),
 }
 BASELINE_COMMIT = "3661ee4"
