@@ -614,7 +614,7 @@ class _History:
 
 
 def _line_search(evaluate, theta: torch.Tensor, f: float, g: torch.Tensor, d: torch.Tensor, t: float,
-                 max_evals: int = 20, c1: float = 1e-4, c2: float = 0.9):
+                 max_evals: int = 10, c1: float = 1e-4, c2: float = 0.9):
     """A step ``t`` along ``d`` meeting the weak Wolfe conditions (bisection with quadratic backtracking).
 
     Returns ``(theta + t d, f, g)`` there, or the best sufficient-decrease point met when the budget
@@ -671,7 +671,8 @@ def _fit_lbfgs(
     yardstick); ``"objective"``: the last iteration lowered the objective by at most ``tol`` times its
     value; ``"predictions"``: the last iteration changed the arg-max class of at most ``tol`` times the
     rows of ``monitor`` (the rows themselves when None). Every rule is tested only after ``min_iter``
-    iterations. ``history`` carries the L-BFGS pairs from the previous strength of a path (rebased to
+    iterations; a fit whose objective no longer decreases beyond float32 rounding (1e-9 of its value in
+    an iteration) also stops, converged as far as the precision allows. ``history`` carries the L-BFGS pairs from the previous strength of a path (rebased to
     this one) and receives this fit's.
     """
     d_, c_ = w.shape
@@ -716,6 +717,9 @@ def _fit_lbfgs(
         history.push(theta_new - theta, g_new - g)
         theta, f_prev, f, g = theta_new, f, f_new, g_new
         iters += 1
+        if f_prev - f <= 1e-9 * abs(f) and iters >= min_iter:  # no decrease left at float32 precision
+            converged = True
+            break
         if stop == "predictions":
             moved, preds = changed(theta, preds)
             done = moved <= tol * monitor.total
