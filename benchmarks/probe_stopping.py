@@ -225,6 +225,14 @@ def main() -> None:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"load average at start {load}, torch threads {torch.get_num_threads()}", flush=True)
     rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every problem, so a timeout keeps the rows measured so far
+        out.write_text(json.dumps({"preset": args.preset, "torch_threads": torch.get_num_threads(), "load_start": load,
+                                   "load_now": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                                   "rows": rows}, indent=2) + "\n")
+
     for spec in args.features:
         name, _, path = spec.rpartition("=")
         with np.load(path) as z:
@@ -234,15 +242,13 @@ def main() -> None:
             keep = np.sort(np.concatenate([np.flatnonzero(y == c)[: args.per_class] for c in np.unique(y)]))
             arrays[0], arrays[1] = arrays[0][keep], y[keep]
         rows += run_problem(name or Path(path).stem, *arrays, reps=args.reps, baseline=baseline)
+        save()
     for c, per, per_test, d, spread in PRESETS[args.preset]:
         rows += run_problem(f"synthetic {c} classes", *synthetic(c, per, per_test, d, spread), reps=args.reps,
                             baseline=baseline)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    end_load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    out.write_text(json.dumps({"preset": args.preset, "torch_threads": torch.get_num_threads(), "load_start": load,
-                               "load_end": end_load, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out} (load average at the end {end_load})")
+        save()
+    save()
+    print(f"wrote {out} (load average at the end {os.getloadavg() if hasattr(os, 'getloadavg') else None})")
 
 
 if __name__ == "__main__":
