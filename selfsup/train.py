@@ -58,7 +58,12 @@ from selfsup.eval.online import OnlineLinearProbe
 from selfsup.progress import lightning_bar
 from selfsup.quiet import quiet_lightning
 from selfsup.resume import ExactResume, FreshTimer, KeepCheckpoints, SaveOnSigterm, StartupInterrupted
-from selfsup.runs import claim_run_dir, merge_metrics, set_aside_metrics
+from selfsup.runs import (
+    claim_run_dir,
+    is_launcher_rank_zero,  # noqa: F401  (re-exported: it lived here first)
+    merge_metrics,
+    set_aside_metrics,
+)
 from selfsup.ssl.module import METHODS, SSLModule, build_method
 from selfsup.ssl.module import method_arguments as class_arguments
 
@@ -87,18 +92,6 @@ class RunResult:
 
 
 RUN_DIR_ENV = "SELFSUP_RUN_DIR"
-
-
-def is_launcher_rank_zero() -> bool:
-    """Whether this process is global rank 0 of a (possibly not yet started) distributed run.
-
-    Reads the variables torchrun, SLURM and Lightning's own launcher set; a plain process is rank 0.
-    """
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var) is not None:
-            return int(os.environ[var]) == 0
-    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
-
 
 
 def resolve_config(config: dict | None, resume: bool = False) -> dict:
