@@ -10,7 +10,8 @@ import pytorch_lightning as pl
 from rich.console import Console
 from rich.progress import Progress
 
-from selfsup.progress import LinePrinter, console_kwargs, make_progress, notebook_without_widgets
+from selfsup import progress as _progress  # make_progress read on use (tests and notebooks replace it)
+from selfsup.progress import LinePrinter, console_kwargs, notebook_without_widgets
 
 
 class BarCallback(pl.Callback):
@@ -31,7 +32,7 @@ class BarCallback(pl.Callback):
 
     def start(self, trainer: pl.Trainer, *columns, transient: bool = False) -> None:
         if trainer.is_global_zero:
-            self.progress = make_progress(*columns, transient=transient, console=self.console)
+            self.progress = _progress.make_progress(*columns, transient=transient, console=self.console)
             self.progress.start()
             self.task = self.progress.add_task(self.description, total=self.total)
 

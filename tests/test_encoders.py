@@ -4,7 +4,7 @@ For each registered method (and the variants whose encoder differs), :func:`self
 must give the architecture and the random initialisation of ``METHODS[name](**hparams).encoder()`` (the
 class, a LightningModule), tensor for tensor; a subprocess builds them all and checks that neither
 ``pytorch_lightning`` nor ``lightning_fabric`` was imported. ``selfsup features|probe|knn`` on a tiny exported
-run, and ``selfsup.load_encoder`` / ``selfsup.extract_features``, are checked the same way in a subprocess.
+run (and ``sweep``, ``plot RUN embedding``, ``report``), and ``selfsup.load_encoder`` / ``selfsup.extract_features``, are checked the same way in a subprocess.
 """
 
 import json
@@ -143,12 +143,15 @@ def tiny_run(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command,expected", [
-    (["features"], "test (360, 128)"),
-    (["probe"], "results: "),
-    (["knn", "--k", "5"], "results: "),
+    (["features", "{run}", "--device", "cpu"], "test (360, 128)"),
+    (["probe", "{run}", "--device", "cpu"], "results: "),
+    (["knn", "{run}", "--device", "cpu", "--k", "5"], "results: "),
+    (["sweep", "{run}", "--device", "cpu", "--ks", "2,all", "--seeds", "1", "--no-baselines"], "plot: "),
+    (["plot", "{run}", "embedding"], "embedding: "),
+    (["report", "{run}", "--output", "{run}/report.html"], "report.html"),
 ])
 def test_evaluating_an_export_imports_no_lightning(tiny_run, command, expected):
-    args = [command[0], str(tiny_run), "--device", "cpu", *command[1:]]
+    args = [a.format(run=tiny_run) for a in command]
     done = _python(f"import sys; sys.argv = ['x', {json.dumps(json.dumps(args))}]\n" + WRAPPER, tiny_run.parent)
     out, _, loaded = done.stdout.rpartition("\nLIGHTNING ")
     assert done.returncode == 0 and loaded, done.stderr[-3000:]
