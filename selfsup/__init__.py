@@ -5,6 +5,8 @@
 
 Importing the package imports nothing heavy: ``selfsup.METHODS``, ``selfsup.load_encoder`` and the other
 names below import torch, Lightning and the methods on first use, so ``selfsup --help`` answers at once.
+``load_encoder`` and ``extract_features`` import no Lightning (evaluating an export never needs it); ``METHODS``
+and ``SSLModule`` do.
 """
 
 import importlib
@@ -23,14 +25,15 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:  # for type checkers and the API docs; at run time __getattr__ imports these on first use
     from selfsup.eval.features import extract_features
     from selfsup.ssl.backbone import BACKBONES, Backbone
-    from selfsup.ssl.module import METHODS, SSLModule, load_encoder
+    from selfsup.ssl.encoders import load_encoder
+    from selfsup.ssl.module import METHODS, SSLModule
 
 _LAZY = {  # public name -> the module defining it (importing selfsup.ssl registers every built-in method)
     "BACKBONES": "selfsup.ssl.backbone",
     "Backbone": "selfsup.ssl.backbone",
     "METHODS": "selfsup.ssl.module",
     "SSLModule": "selfsup.ssl.module",
-    "load_encoder": "selfsup.ssl.module",
+    "load_encoder": "selfsup.ssl.encoders",
     "extract_features": "selfsup.eval.features",
 }
 

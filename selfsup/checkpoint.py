@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from selfsup.errors import CheckpointError, RunDirError
 
@@ -259,28 +258,43 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     return ckpt
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, made atomic and safe.
+def _atomic_checkpoint_io() -> type:
+    """:class:`AtomicCheckpointIO`, defined on first use: it subclasses Lightning's, and evaluation, which reads
+    checkpoints too, imports no Lightning."""
+    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-    Saves to ``<name>.tmp-<pid>`` in the checkpoint's own directory, fsyncs, renames (Lightning's
-    default stages the file in a temporary directory that may be on another filesystem, so a kill
-    during the final copy truncates ``last.ckpt``). Loads with ``weights_only=True``.
-    """
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Lightning's checkpoint IO, made atomic and safe.
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        try:
-            with atomic_write(path) as f:
-                torch.save(checkpoint, f)
-        except (OSError, RuntimeError) as err:  # torch's writer turns ENOSPC into "[enforce fail at ...]"
-            needed = _tensor_bytes(checkpoint)
-            if disk_full(err, path, needed):
-                raise no_space_error(path, needed) from None  # the earlier checkpoints are as they were
-            raise
+        Saves to ``<name>.tmp-<pid>`` in the checkpoint's own directory, fsyncs, renames (Lightning's
+        default stages the file in a temporary directory that may be on another filesystem, so a kill
+        during the final copy truncates ``last.ckpt``). Loads with ``weights_only=True``.
+        """
 
-    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return load_checkpoint(path, map_location=map_location or "cpu")
+        def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+            if storage_options is not None:
+                raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+            try:
+                with atomic_write(path) as f:
+                    torch.save(checkpoint, f)
+            except (OSError, RuntimeError) as err:  # torch's writer turns ENOSPC into "[enforce fail at ...]"
+                needed = _tensor_bytes(checkpoint)
+                if disk_full(err, path, needed):
+                    raise no_space_error(path, needed) from None  # the earlier checkpoints are as they were
+                raise
+
+        def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+            return load_checkpoint(path, map_location=map_location or "cpu")
+
+    AtomicCheckpointIO.__qualname__ = "AtomicCheckpointIO"
+    return AtomicCheckpointIO
+
+
+def __getattr__(name: str):
+    if name == "AtomicCheckpointIO":
+        globals()[name] = value = _atomic_checkpoint_io()
+        return value
+    raise AttributeError(f"module 'selfsup.checkpoint' has no attribute {name!r}")
 
 
 def _tensor_bytes(obj: Any) -> int:

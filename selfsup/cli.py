@@ -507,7 +507,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     ev = harness.prepare(src, args.data, args.image_size, baselines=args.baselines, dtype=dtype,
                          batch_size=args.batch_size, trainer_kwargs=trainer_kwargs, skip_bad=args.skip_bad,
                          layers="all" if best else layers, crop_pct=args.crop_pct)
-    from selfsup.train import is_launcher_rank_zero
+    from selfsup.runs import is_launcher_rank_zero
 
     if args.command == "sweep":
         shard = None if fabric is None else (fabric.global_rank, fabric.world_size)

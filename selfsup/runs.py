@@ -369,3 +369,14 @@ def check_encoder_source(source: str | None, random_init: str | None = None) -> 
     export = path / "export" if (path / "export" / "config.json").is_file() else path
     if not (export / "config.json").is_file():
         raise ConfigError(not_an_encoder_message(path))
+
+
+def is_launcher_rank_zero() -> bool:
+    """Whether this process is global rank 0 of a (possibly not yet started) distributed run.
+
+    Reads the variables torchrun, SLURM and Lightning's own launcher set; a plain process is rank 0.
+    """
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var) is not None:
+            return int(os.environ[var]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0

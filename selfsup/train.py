@@ -65,7 +65,12 @@ from selfsup.resume import (
     SecondInterrupt,
     StartupInterrupted,
 )
-from selfsup.runs import claim_run_dir, merge_metrics, set_aside_metrics
+from selfsup.runs import (
+    claim_run_dir,
+    is_launcher_rank_zero,  # noqa: F401  (re-exported: it lived here first)
+    merge_metrics,
+    set_aside_metrics,
+)
 from selfsup.ssl.module import METHODS, SSLModule, build_method
 from selfsup.ssl.module import method_arguments as class_arguments
 from selfsup.startup import Terminated
@@ -95,18 +100,6 @@ class RunResult:
 
 
 RUN_DIR_ENV = "SELFSUP_RUN_DIR"
-
-
-def is_launcher_rank_zero() -> bool:
-    """Whether this process is global rank 0 of a (possibly not yet started) distributed run.
-
-    Reads the variables torchrun, SLURM and Lightning's own launcher set; a plain process is rank 0.
-    """
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var) is not None:
-            return int(os.environ[var]) == 0
-    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
-
 
 
 def resolve_config(config: dict | None, resume: bool = False) -> dict:

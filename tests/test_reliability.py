@@ -526,21 +526,24 @@ def test_sigterm_during_feature_extraction_leaves_no_half_filled_cache(tmp_path,
     import os
     import signal
 
-    from selfsup.eval.features import _Extractor
+    from selfsup.eval import features
 
-    step = _Extractor.predict_step
+    check = features.check_features  # called once a batch by the single-device extraction loop
+    calls = []
 
-    def signalled(self, batch, batch_idx, dataloader_idx=0):
-        if batch_idx == 2:
+    def signalled(feats):
+        calls.append(1)
+        if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return step(self, batch, batch_idx, dataloader_idx)
+        return check(feats)
 
-    monkeypatch.setattr(_Extractor, "predict_step", signalled)
+    monkeypatch.setattr(features, "check_features", signalled)
     args = ("features", "--random-init", "convnet_small", "--data", "digits", "--image-size", "8", "--no-baselines",
             "--batch-size", "64", "--output", str(tmp_path / "out"))
     r = run_cli_here(*args, cwd=tmp_path)
     assert r.returncode == 143 and r.stderr == "selfsup: stopped by SIGTERM\n", (r.returncode, r.stderr[-2000:])
+    assert len(calls) == 3  # stopped at the batch it was signalled in
     assert [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()] == []
-    monkeypatch.setattr(_Extractor, "predict_step", step)
+    monkeypatch.setattr(features, "check_features", check)
     r = run_cli_here(*args, cwd=tmp_path)
     assert r.returncode == 0 and "train (1437, 128)" in r.stdout, r.stderr[-2000:]

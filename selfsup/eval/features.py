@@ -1,10 +1,10 @@
 """Extract features once with a frozen encoder and cache them; every probe, kNN and sweep reads the cache.
 
-Extraction runs the encoder in eval mode (norm layers included), without augmentation, under
-Lightning's ``Trainer.predict``: on the CPU, one GPU, or many GPUs / nodes with DDP. Each rank writes
-its rows with their dataset indices to a shard file; rank 0 assembles them in dataset order, so
-the result is identical to a single process. (Multi-node extraction needs the cache directory on
-a filesystem all nodes share, as checkpoints do.)
+Extraction runs the encoder in eval mode (norm layers included), without augmentation: a plain loop on
+the CPU or one GPU (no Lightning is imported), or Lightning's ``Trainer.predict`` on many GPUs / nodes
+with DDP (:mod:`selfsup.eval.distributed_features`). Each rank writes its rows with their dataset indices
+to a shard file; rank 0 assembles them in dataset order, so the result is identical to a single process.
+(Multi-node extraction needs the cache directory on a filesystem all nodes share, as checkpoints do.)
 
 The cache is one safetensors file per (encoder weights, encoder config, dataset, split, image size,
 transform, dtype); its name is a hash of all of them, so changed weights are a cache miss. Reading
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -31,8 +30,6 @@ from selfsup.checkpoint import clean_stale_temp_files, disk_full, finish_temp, n
 from selfsup.data.datasets import batch_collate, load_dataset
 from selfsup.errors import ConfigError
 from selfsup.names import name_bytes
-from selfsup.progress import BarCallback
-from selfsup.quiet import quiet_lightning
 
 TRANSFORM_ID = "resize-centre-crop/no-augmentation/v1"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -155,55 +152,6 @@ class _Indexed(torch.utils.data.Dataset):
             imgs, labels = self.dataset.__getitems__(indices)
             return torch.as_tensor(indices), imgs, labels
         return [self[i] for i in indices]
-
-
-class _Extractor(pl.LightningModule):
-    """Runs the frozen encoder in ``predict``; each rank keeps its (indices, features, labels)."""
-
-    def __init__(self, encoder: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.out_dtype = dtype
-        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.sink: _CacheWriter | None = None  # single process: rows go straight to the cache file
-
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
-        idx, images, labels = batch
-        feats = self.encoder(images).float()
-        if feats.ndim != 2:
-            raise ConfigError(f"the encoder must return (B, D) features, got shape {tuple(feats.shape)}")
-        if not torch.isfinite(feats).all():
-            raise ConfigError("the encoder produced NaN or infinite features")
-        chunk = (idx.cpu(), feats.to(self.out_dtype).cpu(), labels.cpu())
-        if self.sink is not None:
-            self.sink.write(*chunk)
-        else:
-            self.chunks.append(chunk)
-        return None
-
-
-class PredictionBar(BarCallback):
-    """A bar over the images a ``Trainer.predict`` runs through, labelled with what it computes.
-
-    Lightning's own bar counts batches under the word "Predicting"; this one reads e.g.
-    ``extract rotation-convnet_small train (50,000 images)`` and counts images. Rank 0 draws it for all
-    ranks (each batch there stands for ``world_size`` batches).
-
-    Args:
-        description: the bar's label.
-        total: number of images.
-        console: where to draw (see :func:`make_progress`).
-    """
-
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start(trainer)
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.progress is not None:
-            self.advance(self.progress.tasks[0].completed + len(batch[0]) * trainer.world_size)
-
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.stop()
 
 
 def _cache_key(encoder: nn.Module, dataset, split: str, dtype: str) -> tuple[str, dict]:
@@ -346,49 +294,76 @@ def _extract(
     encoder: nn.Module, dataset, key: str, make_writer, *, split: str, batch_size: int, dtype: str, cache_dir: Path,
     num_workers: int | None, progress: bool, label: str, trainer_kw: dict,
 ) -> None:
-    """Run ``encoder`` over ``dataset`` under ``Trainer.predict`` and stream the rows into ``make_writer()``."""
-    module = _Extractor(encoder, _DTYPES[dtype])
-    bar = PredictionBar(f"extract {label} {split} ({len(dataset):,} images)", len(dataset))
+    """Run ``encoder`` over ``dataset`` and stream the rows into ``make_writer()``: a plain loop on one device,
+    or with several devices or nodes (``trainer_kw``), Lightning's ``Trainer.predict`` under DDP
+    (:mod:`selfsup.eval.distributed_features`)."""
     loader = torch.utils.data.DataLoader(
         _Indexed(dataset), batch_size=batch_size, shuffle=False, collate_fn=batch_collate,
         num_workers=_workers(dataset, num_workers), pin_memory=torch.cuda.is_available(),
     )
-    with quiet_lightning():
-        trainer = pl.Trainer(
-            **trainer_kw, logger=False,
-            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-            inference_mode=True, callbacks=[bar] if progress else [],
-        )
-        world = trainer.world_size
-        if world == 1:
-            module.sink = make_writer()
-        try:
-            trainer.predict(module, dataloaders=loader, return_predictions=False)
-        except BaseException:  # an error, Ctrl-C or SIGTERM: the half-filled file goes now, not at the next run
-            if module.sink is not None:
-                module.sink.discard()
-            raise
+    description = f"extract {label} {split} ({len(dataset):,} images)"
+    device = single_device(**trainer_kw)
+    if device is None:
+        from selfsup.eval.distributed_features import extract_distributed
 
-    rank = trainer.global_rank
-    if world == 1:
-        module.sink.close()
+        extract_distributed(encoder, loader, len(dataset), key, make_writer, dtype=_DTYPES[dtype],
+                            cache_dir=cache_dir, description=description if progress else None,
+                            trainer_kw=trainer_kw)
         return
-    # Several ranks: each saves its rows with their indices; rank 0 streams them into the cache.
-    shard_dir = cache_dir / f"{key}.shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(module.chunks, shard_dir / f"rank{rank}.pt")
-    module.chunks = []
-    trainer.strategy.barrier("features-shards")
-    if rank == 0:
-        shards = [shard_dir / f"rank{r}.pt" for r in range(world)]
-        writer = make_writer()
-        for shard in shards:
-            for chunk in torch.load(shard):
-                writer.write(*chunk)
-            shard.unlink()
+    from selfsup.progress import make_progress
+
+    home = next((t.device for t in [*encoder.parameters(), *encoder.buffers()]), torch.device("cpu"))
+    was_training = encoder.training
+    encoder.to(device).eval()
+    writer = make_writer()
+    bar = make_progress(enabled=progress)
+    try:
+        with bar, torch.inference_mode():
+            task = bar.add_task(description, total=len(dataset))
+            for idx, images, labels in loader:
+                feats = check_features(encoder(images.to(device, non_blocking=True)).float())
+                writer.write(idx.cpu(), feats.to(_DTYPES[dtype]).cpu(), labels.cpu())
+                bar.advance(task, len(idx))
         writer.close()
-        shard_dir.rmdir()
-    trainer.strategy.barrier("features-written")
+    except BaseException:  # an error, Ctrl-C or SIGTERM: the half-filled file goes now, not at the next run
+        writer.discard()
+        raise
+    finally:
+        encoder.to(home).train(was_training)
+
+
+def single_device(accelerator: str = "auto", devices=1, num_nodes: int = 1, strategy: str = "auto") -> torch.device | None:
+    """The one device a plain loop extracts on, or None where the settings ask for several processes (DDP).
+
+    As Lightning picks: ``auto`` is the first CUDA GPU, else Apple's MPS, else the CPU; ``devices=1`` the
+    first device of the kind, ``[i]`` device ``i``. Several devices or nodes, a strategy other than
+    ``auto``, or a process started by a distributed launcher (``WORLD_SIZE`` > 1) give None.
+    """
+    if num_nodes != 1 or strategy not in ("auto", None) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    index = None
+    if isinstance(devices, (list, tuple)):
+        if len(devices) != 1:
+            return None
+        index = int(devices[0])
+    elif devices != "auto" and str(devices).strip() not in ("1", "1,"):
+        return None
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda"):
+        if devices == "auto" and torch.cuda.device_count() > 1:
+            return None
+        return torch.device("cuda", index or 0)
+    return torch.device(accelerator) if accelerator in ("cpu", "mps") else None
+
+
+def check_features(feats: torch.Tensor) -> torch.Tensor:
+    """``feats`` if they are ``(B, D)`` and finite, else a one-line ``ConfigError``."""
+    if feats.ndim != 2:
+        raise ConfigError(f"the encoder must return (B, D) features, got shape {tuple(feats.shape)}")
+    if not torch.isfinite(feats).all():
+        raise ConfigError("the encoder produced NaN or infinite features")
+    return feats
 
 
 def encoder_name(encoder: nn.Module) -> str:

@@ -26,7 +26,7 @@ from selfsup.eval.features import Features, data_fingerprint, extract_features, 
 from selfsup.eval.shard import Shard
 from selfsup.runs import not_an_encoder_message  # noqa: F401  (re-exported: it lived here first)
 from selfsup.ssl.backbone import Backbone
-from selfsup.ssl.module import METHODS, ImageEncoder, load_encoder
+from selfsup.ssl.encoders import ImageEncoder, build_encoder, load_encoder
 
 RANDOM_INIT_SEED = 0
 
@@ -122,7 +122,7 @@ def resolve_source(source: str | None = None, random_init: str | None = None, ou
     config = encoder.config
     run_dir = export.parent if export.name == "export" else export
     data_cfg = config.get("data") or {}
-    twin = _seeded(lambda: METHODS[config["method"]](**config["hparams"]).encoder())
+    twin = _seeded(lambda: build_encoder(config["method"], config["hparams"]))  # no Lightning
     name = f"{config['method']} ({run_dir.name})"
     results = Path(output) if output else run_dir / "eval"
     return EncoderSource(name, encoder, results, data_cfg.get("data"), data_cfg.get("image_size"), twin, config,
@@ -151,7 +151,7 @@ def _checkpoint_source(path: Path, output: str | None) -> EncoderSource:
                 continue
             data_cfg = (cfg.get("data") if isinstance(cfg, dict) else None) or {}
     data_cfg = {**(config.get("data") or {}), **data_cfg}
-    twin = _seeded(lambda: METHODS[config["method"]](**config["hparams"]).encoder())
+    twin = _seeded(lambda: build_encoder(config["method"], config["hparams"]))  # no Lightning
     step = config.get("global_step")
     name = f"{config['method']} ({run_dir.name}, {path.name}{f', step {step}' if step is not None else ''})"
     results = Path(output) if output else run_dir / "eval" / f"checkpoint-{path.stem}"
@@ -580,7 +580,6 @@ def sweep(
     encoder's layers are swept as lines of their own, ``name [layer]``; ``best_layers`` (from
     :func:`keep_best_layers`) is recorded.
     """
-    from selfsup.eval.finetune import train_classifier
     from selfsup.eval.label_efficiency import label_efficiency_sweep
     from selfsup.eval.report import make_console, plot_sweep, print_sweep_table, write_json
 
@@ -597,6 +596,8 @@ def sweep(
     name_classes(result, list(ev.train.classes))
 
     def trainer_for(build: Callable[[], nn.Module], lr_scale: float):
+        from selfsup.eval.finetune import train_classifier  # Lightning: imported only to fine-tune or train
+
         def run(name: str, subset: np.ndarray, seed: int) -> dict:
             what = "train from scratch" if lr_scale == 1.0 else "fine-tune"
             return train_classifier(build(), ev.train, ev.test, subset, num_classes, steps=finetune_steps,

@@ -11,7 +11,17 @@ from selfsup.pretext.multitask import MultiTask
 from selfsup.pretext.relative_position import RelativePosition, RelativePositionTask
 from selfsup.pretext.rotation import Rotation, RotationTask, rotate_batch
 from selfsup.pretext.task import TASKS, Task, register_task
-from selfsup.ssl.cpc import CPC, CPCTask
+
+# isort: split
+# Last, and as a module: CPC imports pretext.task, so `import selfsup.ssl.cpc` may be what is importing this
+# package (then cpc is not complete yet, and its names are read on use, below).
+import selfsup.ssl.cpc  # noqa: E402
+
+
+def __getattr__(name: str):
+    if name in ("CPC", "CPCTask"):
+        return getattr(selfsup.ssl.cpc, name)
+    raise AttributeError(f"module 'selfsup.pretext' has no attribute {name!r}")
 
 __all__ = [
     "CPC",

@@ -1,16 +1,39 @@
-"""The shared spine (backbone, SSLModule) and the contrastive and generative methods.
+"""The shared spine (backbone, SSLModule, the evaluation encoders) and the contrastive and generative methods.
 
-CPC (:mod:`selfsup.ssl.cpc`) is a pretext :class:`~selfsup.pretext.task.Task` too, so :mod:`selfsup.pretext`
-imports (and so registers) it: importing it here would close an import cycle through ``pretext.task``.
-Importing this package imports :mod:`selfsup.pretext` last, so :data:`METHODS` has every built-in method
-however it was reached (``from selfsup.ssl.module import METHODS`` included).
+Importing this package imports nothing heavy: its names load on first use. :mod:`selfsup.ssl.module`
+(Lightning) imports every built-in method when it is imported, so :data:`METHODS` has all of them however
+it was reached; :mod:`selfsup.ssl.encoders` and :mod:`selfsup.ssl.backbone` import no Lightning.
 """
 
-from selfsup.ssl import generative as _generative  # noqa: E402,F401  (registers the generative methods)
-from selfsup.ssl.backbone import BACKBONES, Backbone, register_backbone
-from selfsup.ssl.module import METHODS, SSLModule, load_encoder, register_method
+import importlib
+from typing import TYPE_CHECKING
 
-# isort: split
-import selfsup.pretext  # noqa: F401  (last: registers the pretext methods and CPC)
+if TYPE_CHECKING:
+    from selfsup.ssl.backbone import BACKBONES, Backbone, register_backbone
+    from selfsup.ssl.encoders import load_encoder
+    from selfsup.ssl.module import METHODS, SSLModule, register_method
+
+_LAZY = {
+    "BACKBONES": "selfsup.ssl.backbone",
+    "Backbone": "selfsup.ssl.backbone",
+    "register_backbone": "selfsup.ssl.backbone",
+    "load_encoder": "selfsup.ssl.encoders",
+    "METHODS": "selfsup.ssl.module",
+    "SSLModule": "selfsup.ssl.module",
+    "register_method": "selfsup.ssl.module",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'selfsup.ssl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = ["BACKBONES", "METHODS", "Backbone", "SSLModule", "load_encoder", "register_backbone", "register_method"]

@@ -1,4 +1,8 @@
-"""SSLModule: the LightningModule base every method builds on, plus export and load_encoder.
+"""SSLModule: the LightningModule base every method builds on, its registry, and export.
+
+The evaluation encoders and :func:`load_encoder` live in :mod:`selfsup.ssl.encoders` (no Lightning) and are
+re-exported here. Importing this module imports every built-in method (last, below), so :data:`METHODS` is
+complete however it was reached.
 
 A method subclasses :class:`SSLModule` and implements one hook, :meth:`SSLModule.loss`, returning a
 dict with a scalar ``loss`` (and anything else worth logging). The base owns the backbone, the
@@ -18,27 +22,29 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from selfsup.checkpoint import atomic_save, atomic_write_text, safe_torch_load
 from selfsup.data.geometry import TrainCrop
 from selfsup.data.transforms import make_augment, to_float
 from selfsup.errors import CheckpointError, ConfigError
-from selfsup.names import is_utf8_name
 from selfsup.ssl.backbone import Backbone
+from selfsup.ssl.encoders import (  # noqa: F401  (re-exported: they lived here first)
+    EXPORT_FORMAT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageEncoder,
+    Lightness,
+    Normalize,
+    build_encoder,
+    load_encoder,
+)
 
 METHODS: dict[str, type[SSLModule]] = {}
 """Registered methods by name; the CLI and :func:`load_encoder` read it."""
 
 OPTIMIZERS = ("sgd", "adamw", "lars")
-EXPORT_FORMAT = 1
-
-# ImageNet statistics: every encoder takes RGB images in [0, 1] and normalises them itself,
-# so a notebook user never has to know which constants a run used.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def register_method(name: str):
@@ -50,70 +56,6 @@ def register_method(name: str):
         return cls
 
     return deco
-
-
-class Normalize(nn.Module):
-    """Per-channel ``(x - mean) / std`` for ``(B, C, H, W)`` images in [0, 1]."""
-
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (to_float(x) - self.mean) / self.std
-
-
-class Lightness(nn.Module):
-    """RGB images in [0, 1] (or uint8) -> CIE L channel scaled to [-1, 1]: the input of 1-channel encoders.
-
-    Colorization's backbone sees lightness only; with this as its input adapter, its exported encoder
-    still takes RGB, so probes, kNN and notebooks need no special case.
-
-    Shape:
-        - Input: ``(B, 3, H, W)`` -> Output: ``(B, 1, H, W)``
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kornia.color import rgb_to_lab
-
-        x = to_float(x)
-        if x.shape[1] == 1:  # already grey: L of (g, g, g)
-            x = x.expand(-1, 3, -1, -1)
-        return rgb_to_lab(x.clamp(0, 1))[:, :1] / 50.0 - 1.0  # L in [0, 100] -> [-1, 1]
-
-
-class ImageEncoder(nn.Module):
-    """RGB images in [0, 1] (or uint8) -> normalised -> backbone -> pooled features.
-
-    This is what :func:`load_encoder` returns for most methods; methods whose evaluation
-    features are computed differently (CPC's patch grid, colorization's L channel) return
-    their own module from :meth:`SSLModule.encoder`.
-
-    Shape:
-        - Input: ``(B, 3, H, W)`` float in [0, 1] or uint8
-        - Output: ``(B, num_features)``
-    """
-
-    def __init__(self, backbone: Backbone, normalize: nn.Module | None = None) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.normalize = Normalize() if normalize is None else normalize
-        self.num_features = backbone.num_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(x))
-
-    def forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every stage's map of one pass, by the stage's module name, then ``"out"`` (what :meth:`forward` gives).
-
-        The stage interface of layer-wise evaluation (:mod:`selfsup.eval.layers`); a backbone that does not
-        expose its stages gives ``"out"`` only.
-        """
-        if not self.backbone.has_stages:
-            return {"out": self(x)}
-        final, stages = self.backbone.forward_intermediates(self.normalize(x))
-        return {**dict(zip(self.backbone.stage_names, stages, strict=True)), "out": self.backbone.pool(final)}
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_ratio: float = 0.0) -> float:
@@ -400,81 +342,6 @@ def _jsonable(d: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a pretrained encoder from an export directory, a run directory or a Lightning checkpoint.
-
-    Never executes pickled code: an export is ``encoder.safetensors`` + ``config.json``; a checkpoint
-    is read with ``torch.load(weights_only=True)``. A run directory gives its ``export/`` when the run
-    finished, else its newest checkpoint. The returned module is in eval mode, maps RGB images
-    ``(B, 3, H, W)`` in [0, 1] (or uint8) to features ``(B, num_features)``, and has ``num_features``
-    and ``config`` attributes.
-
-    >>> enc = load_encoder("runs/rotation")  # doctest: +SKIP
-    >>> feats = enc(images)  # doctest: +SKIP
-    """
-    path = Path(path)
-    if path.is_file() and path.suffix == ".ckpt":
-        return _encoder_from_checkpoint(path, map_location)
-    if (path / "export" / "config.json").is_file():
-        path = path / "export"
-    elif path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        ckpts = sorted((path / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if ckpts:
-            return _encoder_from_checkpoint(ckpts[-1], map_location)
-    cfg_path, weights = path / "config.json", path / "encoder.safetensors"
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise ConfigError(
-                f"{p} not found: expected an export directory (written by SSLModule.export), a run directory "
-                "(runs/<name>) or a .ckpt file"
-            )
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{cfg_path} is not a readable export config ({err})") from None
-    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
-        got = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise CheckpointError(f"{cfg_path}: unsupported export format {got!r}")
-    for key in ("method", "hparams"):
-        if key not in config:
-            raise CheckpointError(f"{cfg_path}: no {key!r} entry; expected a config written by SSLModule.export")
-    model = build_method(config["method"], config["hparams"], where=str(cfg_path))
-    enc = model.encoder()
-    recorded = config.get("num_features")
-    if isinstance(recorded, int) and recorded != int(enc.num_features):
-        # same weights, other features: a default changed since the export (DCGAN's probe_features did)
-        unset = [k for k in method_arguments(type(model)) if k not in config["hparams"]]
-        hint = f"; arguments it does not record, now at their defaults: {', '.join(unset)}" if unset else ""
-        raise CheckpointError(f"{cfg_path}: exported with {recorded} features, but {config['method']} now builds "
-                              f"{enc.num_features} from its hparams{hint}")
-    try:
-        if is_utf8_name(str(weights)):
-            state = load_file(str(weights), device=str(map_location))
-        else:  # safetensors opens only UTF-8 paths: read the bytes here
-            state = {k: v.to(str(map_location)) for k, v in safetensors_load(weights.read_bytes()).items()}
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a bad file
-        raise CheckpointError(f"{weights} cannot be read (empty, truncated or not safetensors): {err}") from None
-    own = enc.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            k = mismatched[0]
-            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {k}: weights {tuple(state[k].shape)} "
-                         f"vs config {tuple(own[k].shape)}")
-        if missing:
-            parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
-        raise CheckpointError(f"{weights} does not match {cfg_path}: {'; '.join(parts)}")
-    enc.load_state_dict(state, strict=True)
-    enc.config = config
-    enc.source_dir = path  # not in config: the features' cache key hashes config
-    return enc.to(map_location).eval()
-
-
 def _encoder_from_checkpoint(path: Path, map_location) -> nn.Module:
     """The encoder of a Lightning checkpoint of an :class:`SSLModule`, read without unpickling code."""
     import yaml
@@ -513,3 +380,12 @@ def _encoder_from_checkpoint(path: Path, map_location) -> nn.Module:
                   "num_features": int(enc.num_features), "data": {"data": data} if data else None,
                   "checkpoint": str(path), "global_step": ckpt.get("global_step")}
     return enc.to(map_location).eval()
+
+
+# Every built-in method registers itself on import; last, as each of them imports the names above. The
+# pretext package imports CPC (a pretext task too) after the tasks it builds on.
+import selfsup.pretext  # noqa: E402,F401
+import selfsup.ssl.generative.flow  # noqa: E402,F401
+import selfsup.ssl.generative.gan  # noqa: E402,F401
+import selfsup.ssl.generative.pixelcnn  # noqa: E402,F401
+import selfsup.ssl.generative.vae  # noqa: E402,F401

@@ -1,10 +1,8 @@
 """Generators as representation learners: VAE, BiGAN/DCGAN, normalizing flow, PixelCNN.
 
-Importing this package registers the generative methods in :data:`~selfsup.ssl.module.METHODS`; each
-method's encoder is scored like any other method's.
+Each method's module registers it in :data:`~selfsup.ssl.module.METHODS` when imported (importing
+:mod:`selfsup.ssl.module` imports them all); their networks and exported encoders
+(:mod:`~selfsup.ssl.generative.flow_layers`, :mod:`~selfsup.ssl.generative.pixelcnn_net`,
+:mod:`~selfsup.ssl.generative.common`) import no Lightning, so importing this package alone imports nothing.
+Each method's encoder is scored like any other method's.
 """
-
-from selfsup.ssl.generative import flow as _flow  # noqa: F401  (registers "flow")
-from selfsup.ssl.generative import gan as _gan  # noqa: F401  (registers "bigan" and "dcgan")
-from selfsup.ssl.generative import pixelcnn as _pixelcnn  # noqa: F401  (registers "pixelcnn")
-from selfsup.ssl.generative import vae as _vae  # noqa: F401  (registers "vae")

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfsup.errors import ConfigError
+
+if TYPE_CHECKING:
+    from selfsup.ssl.backbone import Backbone
 
 LOG2 = math.log(2.0)
 BIN = 1.0 / 255.0
@@ -230,3 +234,19 @@ class PixelLikelihood(nn.Module):
         if self.kind == "logistic":
             return logistic_mixture_mean(params, self.channels, self.components)
         return torch.sigmoid(params)
+
+
+class PosteriorMeanEncoder(nn.Module):
+    """RGB images in [0, 1] (or uint8) -> normalised -> backbone -> posterior mean of z (the exported encoder).
+
+    Shape:
+        - Input: ``(B, 3, H, W)`` -> Output: ``(B, latent_dim)``
+    """
+
+    def __init__(self, backbone: Backbone, normalize: nn.Module, posterior: nn.Linear) -> None:
+        super().__init__()
+        self.backbone, self.normalize, self.posterior = backbone, normalize, posterior
+        self.num_features = posterior.out_features // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.posterior(self.backbone(self.normalize(x)))[:, : self.num_features]

@@ -3,7 +3,7 @@
 Every layer maps ``x -> (y, log|det dy/dx|)`` with the log-determinant per sample ``(B,)``, and has an
 ``inverse(y) -> x``. :class:`MultiScaleFlow` stacks them: squeeze, ``steps`` x (actnorm, invertible
 1x1 convolution, affine coupling) per level, and a split with a learned conditional prior between
-levels.
+levels. :class:`FlowEncoder` is the flow's exported encoder (every scale's latent, pooled).
 
 - [0] Density estimation using Real NVP, Dinh et al. 2017, https://arxiv.org/abs/1605.08803
 - [1] Glow: Generative Flow with Invertible 1x1 Convolutions, Kingma & Dhariwal 2018,
@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from selfsup.errors import ConfigError
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -357,3 +359,62 @@ class VariationalDequantizer(nn.Module):
         t = mu + torch.exp(log_scale) * eps
         log_q = -0.5 * (LOG_2PI + eps**2) - log_scale - F.logsigmoid(t) - F.logsigmoid(-t)
         return torch.sigmoid(t), log_q.flatten(1).sum(1)
+
+
+LEVELS = 256  # 8-bit images
+
+
+def dequantize(x: torch.Tensor, noise: bool = True, u: torch.Tensor | None = None) -> torch.Tensor:
+    """Images -> continuous values in [-0.5, 0.5): ``(level + u) / 256 - 0.5`` (Theis et al. 2016).
+
+    ``u`` when given (noise in [0, 1) per pixel, e.g. from a :class:`VariationalDequantizer`), else
+    ``u ~ U[0, 1)`` per pixel when ``noise``, else ``u = 0.5`` (the bin's centre). uint8 images are
+    the levels themselves; float images in [0, 1] are ``level / 255``.
+
+    Shape:
+        - Input: ``(B, C, H, W)`` uint8 or float -> Output: same shape, float32
+    """
+    levels = x.float() if x.dtype == torch.uint8 else x.float() * (LEVELS - 1)
+    if u is None:
+        u = torch.rand_like(levels) if noise else torch.full_like(levels, 0.5)
+    return (levels + u) / LEVELS - 0.5
+
+
+def pool_latents(latents: list[torch.Tensor]) -> torch.Tensor:
+    """Per-channel spatial mean and std of every scale's latent, concatenated.
+
+    Shape:
+        - Input: ``[(B, C_l, H_l, W_l)]`` -> Output: ``(B, 2 * sum(C_l))``
+    """
+    feats = []
+    for z in latents:
+        std, mean = torch.std_mean(z, dim=(2, 3), correction=0)  # (B, C_l) each
+        feats += [mean, std]
+    return torch.cat(feats, dim=1)
+
+
+
+def check_side(x: torch.Tensor, levels: int) -> None:
+    """A ``ConfigError`` unless the image sides divide by ``2 ** levels`` (one squeeze per level)."""
+    h, w = x.shape[-2:]
+    if h % 2**levels or w % 2**levels:
+        raise ConfigError(f"a flow with levels={levels} needs image sides divisible by {2**levels}, got {h}x{w}")
+
+
+class FlowEncoder(nn.Module):
+    """Evaluation encoder: RGB images in [0, 1] (or uint8) -> flow latents of every scale, pooled.
+
+    Shape:
+        - Input: ``(B, 3, H, W)`` with sides divisible by ``2 ** levels``
+        - Output: ``(B, num_features)`` with ``num_features = 2 * sum(latent channels)``
+    """
+
+    def __init__(self, flow: MultiScaleFlow) -> None:
+        super().__init__()
+        self.flow = flow
+        self.num_features = 2 * sum(flow.latent_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_side(x, self.flow.levels)
+        latents, _, _ = self.flow(dequantize(x, noise=False))
+        return pool_latents(latents)

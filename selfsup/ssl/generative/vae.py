@@ -22,10 +22,10 @@ from torch import nn
 
 from selfsup.data.transforms import to_float
 from selfsup.errors import ConfigError
-from selfsup.ssl.backbone import Backbone
 from selfsup.ssl.generative.common import (
     ConvDecoder,
     PixelLikelihood,
+    PosteriorMeanEncoder,  # noqa: F401  (re-exported: it lived here first)
     bits_per_dim,
     sample_dir,
     save_image_grid,
@@ -71,22 +71,6 @@ def negative_elbo(
     repeated = images.expand(samples, *images.shape).flatten(0, 1)  # (S*B, ...)
     nll = -log_prob(repeated, decode(z)).view(samples, b).mean(0)  # (S*B,) -> (S, B) -> (B,)
     return nll, gaussian_kl(mean, logvar)
-
-
-class PosteriorMeanEncoder(nn.Module):
-    """RGB images in [0, 1] (or uint8) -> normalised -> backbone -> posterior mean of z (the exported encoder).
-
-    Shape:
-        - Input: ``(B, 3, H, W)`` -> Output: ``(B, latent_dim)``
-    """
-
-    def __init__(self, backbone: Backbone, normalize: nn.Module, posterior: nn.Linear) -> None:
-        super().__init__()
-        self.backbone, self.normalize, self.posterior = backbone, normalize, posterior
-        self.num_features = posterior.out_features // 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.posterior(self.backbone(self.normalize(x)))[:, : self.num_features]
 
 
 @register_method("vae")
