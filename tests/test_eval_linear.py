@@ -151,10 +151,7 @@ def test_probe_agrees_with_sklearn_best_c_at_any_class_count(c, n, d, grid):
         wd = point["weight_decay"]
         ref = LogisticRegression(C=1.0 / (wd * len(fit)), tol=1e-6, max_iter=3000).fit(sx[fit], ty[fit])
         sk_val[wd] = 100 * ref.score(sx[val], ty[val])
-        # hold-out fits stop at a 1e-3 relative objective decrease: close to scikit-learn near the chosen
-        # strength; much weaker ones (flat objective, e.g. 1e-6 here: 81.0 vs 82.25) stop looser
-        near = res["weight_decay"] / 10 <= wd
-        assert abs(point["val_top1"] - sk_val[wd]) <= (1.0 if near else 2.0), (wd, point, sk_val[wd])
+        assert abs(point["val_top1"] - sk_val[wd]) <= 1.0, (wd, point, sk_val[wd])
     best = max(sk_val.values())
     assert sk_val[res["weight_decay"]] >= best - 0.5, (res["weight_decay"], sk_val)
     sk_wd = max(sk_val, key=lambda wd: (sk_val[wd], wd))
@@ -410,60 +407,3 @@ def test_streamed_blocks_equal_the_standardised_rows_and_leave_the_map_untouched
     resident = lin._prepare_rows(x, y, rows, stats, cpu, 7, 2**30)
     assert resident.stats is None and torch.equal(resident.x, ref)
     assert torch.equal(x, before) and np.array_equal(np.load(path), before.numpy())
-
-
-@pytest.mark.parametrize("c,n,d", [(10, 1500, 24), (100, 3000, 24)], ids=["10-classes", "100-classes"])
-def test_objective_rule_stops_before_the_gradient_rule_at_sklearns_accuracy(c, n, d):
-    """The default rule (stop once an iteration lowers the objective by <= 1e-4 of it, 1e-3 on the search's
-    hold-out fits; patience 1) spends fewer loss-and-gradient evaluations on the whole search than the
-    gradient rule (with its old defaults), and its test top-1 is within 0.5 point of scikit-learn's best
-    strength (tight tol) on the same hold-out."""
-    tx, ty, vx, vy = many_classes(c, n, d, seed=2)
-    new = linear_probe(tx, ty, vx, vy)
-    old = linear_probe(tx, ty, vx, vy, stop="gradient", tol=1e-4, path_tol=1e-3, min_iter=5, patience=2)
-    assert new["settings"]["stop"] == "objective" and old["settings"]["tol_rule"].startswith("stop when max|grad|")
-    assert new["cost"]["evaluations"] < 0.8 * old["cost"]["evaluations"], (new["cost"], old["cost"])
-    assert new["fit"]["converged"] and all(p["converged"] for p in new["val_curve"])
-    scaler = StandardScaler().fit(tx)
-    sx, svx = scaler.transform(tx), scaler.transform(vx)
-    fit, val = (i.numpy() for i in stratified_holdout(torch.from_numpy(ty), 0.2, seed=0))
-    sk_val = {wd: LogisticRegression(C=1.0 / (wd * len(fit)), tol=1e-6, max_iter=3000).fit(sx[fit], ty[fit])
-              .score(sx[val], ty[val]) for wd in (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)}
-    sk_wd = max(sk_val, key=lambda wd: (sk_val[wd], wd))
-    ref = LogisticRegression(C=1.0 / (sk_wd * n), tol=1e-6, max_iter=3000).fit(sx, ty)
-    assert abs(new["top1"] - 100 * ref.score(svx, vy)) <= 0.5, (new["weight_decay"], sk_wd, sk_val)
-
-
-def test_lbfgs_pairs_carried_to_another_strength_are_its_exact_gradient_differences():
-    from selfsup.eval.linear import _History, _loss_and_grad, _Rows
-
-    tx, ty, _, _ = many_classes(5, 200, 6)
-    x = torch.from_numpy(StandardScaler().fit_transform(tx)).float()
-    data = _Rows(x, torch.from_numpy(ty), None, None, torch.device("cpu"), 64)
-    d, c = 6, 5
-    gen = torch.Generator().manual_seed(0)
-    t0, t1 = torch.randn(d * c + c, generator=gen), torch.randn(d * c + c, generator=gen)
-
-    def grad(theta, wd):
-        _, gw, gb = _loss_and_grad(data, theta[: d * c].view(d, c), theta[d * c :], wd)
-        return torch.cat([gw.view(-1), gb])
-
-    history = _History(d * c)
-    history.rebase(1e-1)
-    history.push(t1 - t0, grad(t1, 1e-1) - grad(t0, 1e-1))
-    history.rebase(1e-3)
-    s, y, rho = history.pairs[0]
-    torch.testing.assert_close(y, grad(t1, 1e-3) - grad(t0, 1e-3), rtol=0, atol=1e-5)
-    assert rho == pytest.approx(1.0 / float(y.dot(s)))
-
-
-def test_stopping_rules_are_named_and_recorded():
-    tx, ty, vx, vy = blobs(120, 60, 6, 3, sep=1.0)
-    with pytest.raises(ConfigError, match="stop must be one of objective, predictions, gradient"):
-        linear_probe(tx, ty, vx, vy, stop="loss")
-    for rule in ("predictions", "objective", "gradient"):
-        res = linear_probe(tx, ty, vx, vy, stop=rule)
-        assert res["settings"]["stop"] == rule and res["fit"]["converged"]
-        assert res["cost"]["evaluations"] == sum(p["evaluations"] for p in res["val_curve"]) + res["fit"][
-            "evaluations"] + (2 if rule == "gradient" else 0)  # the gradient rule's two scale evaluations
-        assert (res["fit"]["checks"] > 0) == (rule == "predictions")

@@ -424,14 +424,13 @@ def probe_settings() -> dict[str, Any]:
     """The linear probe's defaults, as the CLI runs it (each run also records its solver, iterations, convergence)."""
     import inspect
 
-    from selfsup.eval.linear import DEFAULT_TOLS, DEFAULT_WEIGHT_DECAYS, TOL_RULES, linear_probe
+    from selfsup.eval.linear import DEFAULT_WEIGHT_DECAYS, linear_probe
 
     params = inspect.signature(linear_probe).parameters
-    names = ("val_fraction", "max_iter", "patience", "stop", "min_iter", "batch_size", "default_weight_decay")
-    stop = params["stop"].default
+    names = ("val_fraction", "max_iter", "patience", "tol", "min_iter", "batch_size", "default_weight_decay")
     return {"weight_decays": list(DEFAULT_WEIGHT_DECAYS), **{n: params[n].default for n in names},
-            "tol": DEFAULT_TOLS[stop][0], "path_tol": DEFAULT_TOLS[stop][1], "tol_rule": TOL_RULES[stop],
-            "solver": "lbfgs (weak Wolfe), warm-started from the strongest penalty with its curvature pairs"}
+            "path_tol": "10 * tol", "tol_rule": "max|grad| <= tol * max|grad at W=0|",
+            "solver": "lbfgs (strong Wolfe), warm-started from the strongest penalty"}
 
 
 def saved_results(path: Path, ev: EvalData, kind: str, settings: dict) -> dict[str, dict] | None:
