@@ -9,10 +9,10 @@ names below import torch, Lightning and the methods on first use, so ``selfsup -
 and ``SSLModule`` do.
 """
 
-import importlib
 import warnings
 from typing import TYPE_CHECKING
 
+from selfsup.lazy import lazy_exports
 from selfsup.startup import install_at_import
 
 install_at_import()  # the `selfsup` command only: Ctrl-C or SIGTERM while torch loads is one line, 130 or 143
@@ -38,16 +38,7 @@ _LAZY = {  # public name -> the module defining it (importing selfsup.ssl regist
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # once: later lookups skip this function
-        return value
-    raise AttributeError(f"module 'selfsup' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 def list_methods() -> list[str]:

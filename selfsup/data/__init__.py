@@ -4,8 +4,9 @@ Its names load on first use: :class:`SelfSupDataModule` (a LightningDataModule) 
 datasets and transforms that evaluation reads do not.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from selfsup.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from selfsup.data.datamodule import SelfSupDataModule
@@ -23,16 +24,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'selfsup.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 __all__ = [

@@ -4,8 +4,9 @@ Its names load on first use, so evaluating imports no Lightning: only the online
 (:mod:`selfsup.eval.online`, a training callback) and distributed extraction need it.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from selfsup.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from selfsup.eval.features import Features, extract_features
@@ -38,16 +39,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'selfsup.eval' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 __all__ = [

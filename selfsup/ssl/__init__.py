@@ -5,8 +5,9 @@ Importing this package imports nothing heavy: its names load on first use. :mod:
 it was reached; :mod:`selfsup.ssl.encoders` and :mod:`selfsup.ssl.backbone` import no Lightning.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from selfsup.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from selfsup.ssl.backbone import BACKBONES, Backbone, register_backbone
@@ -24,16 +25,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'selfsup.ssl' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 __all__ = ["BACKBONES", "METHODS", "Backbone", "SSLModule", "load_encoder", "register_backbone", "register_method"]
